@@ -1,0 +1,224 @@
+"""Calibration of an AiraMoe model: one pass, then allocation, weighting and AwSVD, identical on every rank."""
+
+from __future__ import annotations
+
+import logging  # noqa: F401
+from .._logging import get_logger
+import re
+import time
+import zlib
+from typing import Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .._zero import gathered
+from .allocation import allocate_ranks, check_budget, resolve_budget
+from .awsvd import awsvd_factors
+from .collect import broadcast_from_main, is_main_process, run_calibration_pass
+from .report import build_report, format_table, write_report
+from .stats import ChannelStats, activation_importance, channel_scores, input_channel_norms, input_rms, lod_score
+
+logger = get_logger()
+
+
+def allocation_units(module_names: Iterable[str], layers_pattern=None) -> dict[str, list[str]]:
+    """Group module names by decoder layer: the unit is the name prefix up to the first ``.<index>.`` (after
+    ``layers_pattern`` when given); a module outside any indexed layer is a unit of its own. Ordered by index."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    regex = re.compile(rf"^(.*?\.(?:{'|'.join(map(re.escape, patterns))})\.(\d+))\." if patterns else r"^(.*?\.(\d+))\.")
+    units: dict[str, list[str]] = {}
+    order: dict[str, tuple] = {}
+    for name in module_names:
+        match = regex.match(name)
+        unit = match.group(1) if match else name
+        units.setdefault(unit, []).append(name)
+        order[unit] = (0, int(match.group(2)), unit) if match else (1, 0, unit)
+    return {unit: units[unit] for unit in sorted(units, key=order.__getitem__)}
+
+
+def _units(tuner, adapter_name: str) -> dict[str, list[str]]:
+    return allocation_units(tuner.aira_moe_layers(adapter_name), tuner.peft_config[adapter_name].layers_pattern)
+
+
+def _weight_out_in(layer) -> torch.Tensor:
+    weight = layer.get_base_layer().weight
+    return weight.T if layer.fan_in_fan_out else weight  # (out, in)
+
+
+def collect_for_model(
+    tuner, loader, adapter_name: str, max_batches: Optional[int], max_samples: Optional[int] = None
+) -> dict[str, ChannelStats]:
+    """The calibration pass over the base model (adapters disabled, so activations are the frozen model's)."""
+    config = tuner.peft_config[adapter_name]
+    layers = tuner.aira_moe_layers(adapter_name)
+    need_outputs = config.use_activation_aware and config.activation_aware_mode == "outps"
+    base_modules = {name: layer.get_base_layer() for name, layer in layers.items()}
+    previously_disabled = next(iter(layers.values())).disable_adapters
+    tuner._set_adapter_layers(enabled=False)
+    try:
+        return run_calibration_pass(
+            tuner.model, base_modules, loader, need_outputs=need_outputs, max_batches=max_batches, max_samples=max_samples
+        )
+    finally:
+        tuner._set_adapter_layers(enabled=not previously_disabled)
+
+
+def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str) -> dict[str, float]:
+    """theta per allocation unit = mean over its modules of LOD (``theta_type='lod'``) or mean |x| ('act')."""
+    config = tuner.peft_config[adapter_name]
+    layers = tuner.aira_moe_layers(adapter_name)
+    importance = {}
+    for unit, names in _units(tuner, adapter_name).items():
+        scores = []
+        for name in names:
+            if config.theta_type == "act":
+                scores.append(activation_importance(stats[name]))
+            else:
+                weight = layers[name].get_base_layer().weight
+                with gathered([weight]):
+                    scores.append(lod_score(_weight_out_in(layers[name]), input_channel_norms(stats[name]), config.lod_threshold_M))
+        importance[unit] = sum(scores) / len(scores)
+    return importance
+
+
+def check_allocation_inputs(tuner, adapter_name: str) -> int:
+    """Validate the budget against the model's layers before any forward pass; returns the resolved budget."""
+    config = tuner.peft_config[adapter_name]
+    units = _units(tuner, adapter_name)
+    budget = resolve_budget(config.rank_budget, len(units), config.r)
+    check_budget(budget, len(units), config.min_rank, config.max_rank)
+    return budget
+
+
+def solve_allocation(config, importance: dict[str, float], objective_function: Optional[str] = None) -> dict[str, int]:
+    budget = resolve_budget(config.rank_budget, len(importance), config.r)
+    ranks = allocate_ranks(
+        list(importance.values()), budget, config.min_rank, config.max_rank, objective_function or config.objective_function
+    )
+    # every rank must build the same shapes: take rank 0's solution
+    ranks = broadcast_from_main(torch.tensor(ranks, dtype=torch.int64, device=_comm_device())).tolist()
+    return dict(zip(importance, ranks))
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def apply_allocation(tuner, allocation: dict[str, int], adapter_name: str) -> dict[str, int]:
+    """Rebuild each module with its unit's rank; the per-module ranks go into ``rank_pattern`` (saved with the
+    adapter, so every loader rebuilds the same shapes)."""
+    from ..tuner.model import AiraMoeModel
+
+    config = tuner.peft_config[adapter_name]
+    layers = tuner.aira_moe_layers(adapter_name)
+    units = _units(tuner, adapter_name)
+    missing = set(units) - set(allocation)
+    if missing:
+        raise ValueError(f"allocation has no rank for layers {sorted(missing)}")
+    pattern = {}
+    for unit, names in units.items():
+        for name in names:
+            kwargs = AiraMoeModel._layer_kwargs(config, name)
+            kwargs["r"] = int(allocation[unit])
+            layers[name].update_layer(adapter_name, **kwargs)
+            pattern[name] = int(allocation[unit])
+    config.rank_pattern = pattern
+    tuner.set_adapter(tuner.active_adapters)  # re-apply requires_grad / inference mode to the new parameters
+    if config.inference_mode:
+        tuner.set_requires_grad(adapter_name, False)
+    return pattern
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int] = None, report_dir: Optional[str] = None):
+    """One calibration pass, then every technique enabled in the adapter's config. Returns the report dict."""
+    config = tuner.peft_config[adapter_name]
+    if config.calibrated:
+        raise ValueError(
+            f"adapter {adapter_name!r} is already calibrated (`calibrated=True`): its ranks, initial factors and channel "
+            "scores are reused as saved, never recomputed"
+        )
+    if not config.needs_calibration:
+        logger.info("aira_moe: no activation-aware technique enabled; calibration skipped")
+        return None
+    budget = check_allocation_inputs(tuner, adapter_name) if config.use_layer_wise_rank else None
+    seconds = {}
+
+    start = time.perf_counter()
+    stats = collect_for_model(tuner, loader, adapter_name, max_batches=max_batches or config.awsvd_collect_steps)
+    seconds["collect"] = time.perf_counter() - start
+
+    units = _units(tuner, adapter_name)
+    importance = None
+    if config.use_layer_wise_rank:
+        start = time.perf_counter()
+        importance = layer_importance(tuner, stats, adapter_name)
+        unit_ranks = solve_allocation(config, importance)
+        apply_allocation(tuner, unit_ranks, adapter_name)
+        seconds["allocate"] = time.perf_counter() - start
+    else:
+        unit_ranks = {unit: tuner.aira_moe_layers(adapter_name)[names[0]].r[adapter_name] for unit, names in units.items()}
+
+    layers = tuner.aira_moe_layers(adapter_name)
+    if config.use_activation_aware:
+        for name, layer in layers.items():
+            scores = channel_scores(stats[name], config.activation_aware_mode, config.activation_normalize)
+            layer.set_channel_scale(adapter_name, broadcast_from_main(scores.contiguous()))
+
+    if config.use_awsvd_init:
+        start = time.perf_counter()
+        for name, layer in tqdm(layers.items(), desc="aira_moe AwSVD init", disable=not is_main_process(), unit="module"):
+            weight = layer.get_base_layer().weight
+            rank = layer.r[adapter_name]
+            with gathered([weight]):
+                full = _weight_out_in(layer)
+                if rank > min(full.shape):
+                    raise ValueError(f"rank {rank} of {name!r} exceeds min{tuple(full.shape)}; lower `max_rank` / `r`")
+                factor_A, factor_B = awsvd_factors(
+                    full.detach(),
+                    input_rms(stats[name]),
+                    rank,
+                    solver=config.awsvd_solver,
+                    niter=config.awsvd_niter,
+                    oversample=config.awsvd_oversample,
+                    split=config.awsvd_split,
+                    generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)),
+                )
+            layer.set_initial_update(adapter_name, broadcast_from_main(factor_A.contiguous()), broadcast_from_main(factor_B.contiguous()))
+        seconds["awsvd"] = time.perf_counter() - start
+
+    # the LoRA-style random A experts too: every rank starts from rank 0's weights
+    for layer in layers.values():
+        for table in (layer.aira_moe_A, layer.aira_moe_B):
+            broadcast_from_main(table[adapter_name].data)
+    config.calibrated = True
+
+    report = build_report(
+        units=units,
+        importance=importance,
+        unit_ranks=unit_ranks,
+        params_per_rank={
+            name: config.num_A * layer.in_features + config.num_B * layer.out_features for name, layer in layers.items()
+        },
+        uniform_r=config.r,
+        config_summary={
+            key: getattr(config, key)
+            for key in ("r", "num_A", "num_B", "cola_strategy", "use_layer_wise_rank", "theta_type", "lod_threshold_M",
+                        "min_rank", "max_rank", "objective_function", "use_awsvd_init", "use_activation_aware",
+                        "activation_aware_mode", "activation_normalize", "awsvd_collect_steps")
+        } | {"rank_budget": budget if budget is not None else config.rank_budget},
+        seconds=seconds,
+    )
+    if is_main_process():
+        logger.info("aira_moe allocation:\n%s", format_table(report))
+        if report_dir:
+            report["files"] = write_report(report, report_dir)
+    return report

@@ -1,0 +1,83 @@
+"""Human-readable allocation report: JSON, a PNG bar chart, and a short logged table."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+def build_report(
+    *,
+    units: dict[str, list[str]],
+    importance: Optional[dict[str, float]],
+    unit_ranks: dict[str, int],
+    params_per_rank: dict[str, int],
+    uniform_r: int,
+    config_summary: dict,
+    seconds: dict[str, float],
+) -> dict:
+    """Per unit: theta, rank, modules; totals; trainable parameters vs uniform rank ``uniform_r``.
+    ``params_per_rank[module]`` = trainable parameters of that module per unit of rank = num_A*in + num_B*out."""
+    rows = []
+    for unit, modules in units.items():
+        rows.append({
+            "unit": unit,
+            "theta": None if importance is None else importance[unit],
+            "rank": unit_ranks[unit],
+            "modules": modules,
+        })
+    params = sum(unit_ranks[u] * params_per_rank[m] for u, ms in units.items() for m in ms)
+    uniform = sum(uniform_r * params_per_rank[m] for ms in units.values() for m in ms)
+    return {
+        "config": config_summary,
+        "layers": rows,
+        "rank_sum": sum(unit_ranks.values()),
+        "num_units": len(units),
+        "trainable_params": params,
+        "uniform_rank_params": uniform,
+        "params_ratio_vs_uniform": params / uniform if uniform else None,
+        "seconds": seconds,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'layer':<32} {'theta':>10} {'rank':>5}"]
+    for row in report["layers"]:
+        theta = "-" if row["theta"] is None else f"{row['theta']:.4g}"
+        lines.append(f"{row['unit']:<32} {theta:>10} {row['rank']:>5}")
+    lines.append(
+        f"rank sum {report['rank_sum']} over {report['num_units']} layers; trainable params "
+        f"{report['trainable_params']:,} ({report['params_ratio_vs_uniform']:.3f}x uniform r={report['config'].get('r')})"
+    )
+    return "\n".join(lines)
+
+
+def write_report(report: dict, output_dir: str) -> dict[str, str]:
+    """Write aira_moe_allocation.json and aira_moe_allocation.png into ``output_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "aira_moe_allocation.json")
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    png_path = os.path.join(output_dir, "aira_moe_allocation.png")
+    rows = report["layers"]
+    fig, ax_rank = plt.subplots(figsize=(max(6, 0.3 * len(rows) + 2), 4))
+    positions = range(len(rows))
+    ax_rank.bar(positions, [row["rank"] for row in rows], color="tab:blue", label="rank")
+    ax_rank.set_xlabel("layer")
+    ax_rank.set_ylabel("rank")
+    ax_rank.set_xticks(list(positions), [row["unit"].rsplit(".", 1)[-1] for row in rows], fontsize=7)
+    if rows and rows[0]["theta"] is not None:
+        ax_theta = ax_rank.twinx()
+        ax_theta.plot(list(positions), [row["theta"] for row in rows], color="tab:red", marker="o", label="theta")
+        ax_theta.set_ylabel(f"importance ({report['config'].get('theta_type')})")
+    ax_rank.set_title(f"aira_moe rank allocation (sum {report['rank_sum']}, {report['config'].get('objective_function')})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return {"json": json_path, "png": png_path}

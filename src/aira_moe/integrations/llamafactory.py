@@ -1,0 +1,300 @@
+"""``finetuning_type: aira_moe`` for stock LLaMA-Factory -- the only module that imports llamafactory.
+
+``install()`` runs once, right after ``import llamafactory`` (armed by the aira_moe_startup.pth hook, so torchrun
+workers get it too). It patches, in place and by name:
+
+* the argument parser's dataclass tuples: ``FinetuningArguments`` -> a subclass accepting ``aira_moe`` and its keys;
+* ``parser._verify_model_args``: lets aira_moe load adapters like LoRA, refuses quantised bases;
+* ``parser._check_extra_dependencies``: DDP/label settings LLaMA-Factory applies to LoRA only, and the rank-budget
+  check against the model's layer count, before the model is loaded;
+* ``model.adapter.init_adapter`` (and the name imported into ``model.loader``): builds / loads the adapter;
+* ``data.get_dataset``: keeps the tokenised train split for calibration.
+Anything missing raises with the expected LLaMA-Factory version; there is no fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging  # noqa: F401
+from .._logging import get_logger
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .arguments import AiraMoeArguments, parse_rank_budget, peft_config_from_args
+
+logger = get_logger()
+
+SUPPORTED_LLAMAFACTORY = ("0.9.5",)
+FINETUNING_TYPE = "aira_moe"
+_PATCHED_MARK = "__aira_moe_patched__"
+
+
+class _State:
+    """What the seam learns before the adapter is built: the training arguments and the tokenised train split."""
+
+    training_args = None
+    train_dataset = None
+    tokenizer = None
+
+
+_state = _State()
+
+
+def _fail(what: str) -> RuntimeError:
+    import llamafactory
+
+    return RuntimeError(
+        f"aira_moe cannot install into LLaMA-Factory {llamafactory.__version__}: {what} is missing. "
+        f"aira_moe supports llamafactory=={' / '.join(SUPPORTED_LLAMAFACTORY)}; install that version."
+    )
+
+
+def _is_aira_moe(finetuning_args) -> bool:
+    return getattr(finetuning_args, "finetuning_type", None) == FINETUNING_TYPE
+
+
+def _as_lora(finetuning_args):
+    """A copy that LLaMA-Factory's LoRA-only checks accept; the caller's object is left untouched."""
+    view = copy.copy(finetuning_args)
+    view.finetuning_type = "lora"
+    return view
+
+
+def _make_arguments_class(base):
+    @dataclass
+    class AiraMoeFinetuningArguments(base, AiraMoeArguments):
+        finetuning_type: Literal["lora", "oft", "freeze", "full", "aira_moe"] = field(
+            default="lora", metadata={"help": "Which fine-tuning method to use (aira_moe added by the aira-moe package)."}
+        )
+
+        def __post_init__(self):
+            if not _is_aira_moe(self):
+                base.__post_init__(self)
+                return
+            # LLaMA-Factory's own checks only know its four types; run them as LoRA, then restore the type
+            self.finetuning_type = "lora"
+            try:
+                base.__post_init__(self)
+            finally:
+                self.finetuning_type = FINETUNING_TYPE
+            if self.pissa_init or self.use_dora or self.loraplus_lr_ratio is not None:
+                raise ValueError("`pissa_init`, `use_dora` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own "
+                                 "init (`use_awsvd_init`).")
+            self.rank_budget = parse_rank_budget(self.rank_budget)
+            peft_config_from_args(self)  # validates every aira_moe key, naming it
+
+    AiraMoeFinetuningArguments.__name__ = "FinetuningArguments"
+    AiraMoeFinetuningArguments.__qualname__ = "FinetuningArguments"
+    return AiraMoeFinetuningArguments
+
+
+def _count_decoder_layers(model_name_or_path: str) -> Optional[int]:
+    """num_hidden_layers from the model's config.json (cheap: no weights), or None when it cannot be read locally."""
+    path = os.path.join(model_name_or_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers")
+
+
+def _check_budget_early(model_args, finetuning_args) -> None:
+    from ..calibration.allocation import check_budget, resolve_budget
+
+    if not finetuning_args.use_layer_wise_rank or model_args.adapter_name_or_path:
+        return
+    num_layers = _count_decoder_layers(model_args.model_name_or_path)
+    if num_layers is None:
+        return  # a hub id: checked again, against the loaded model, before calibration
+    budget = resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank)
+    check_budget(budget, num_layers, finetuning_args.min_rank, finetuning_args.max_rank)
+
+
+def _patched_verify_model_args(original):
+    @functools.wraps(original)
+    def verify(model_args, data_args, finetuning_args):
+        if not _is_aira_moe(finetuning_args):
+            return original(model_args, data_args, finetuning_args)
+        if model_args.quantization_bit is not None:
+            raise ValueError(
+                f"`quantization_bit`={model_args.quantization_bit} cannot be used with finetuning_type aira_moe: its "
+                "layers wrap float Linear weights, and the AwSVD init rewrites them (W - dW0), which a quantised weight "
+                "cannot hold exactly."
+            )
+        return original(model_args, data_args, _as_lora(finetuning_args))
+
+    return verify
+
+
+def _patched_check_extra_dependencies(original):
+    @functools.wraps(original)
+    def check(model_args, finetuning_args, training_args=None):
+        original(model_args, finetuning_args, training_args)
+        if not _is_aira_moe(finetuning_args):
+            return
+        _check_budget_early(model_args, finetuning_args)
+        if training_args is None:
+            return
+        from transformers.training_args import ParallelMode
+
+        _state.training_args = training_args
+        # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
+        # DDP + reentrant checkpointing dies with find_unused_parameters=True
+        if training_args.parallel_mode == ParallelMode.DISTRIBUTED and training_args.ddp_find_unused_parameters is None:
+            training_args.ddp_find_unused_parameters = False
+        training_args.label_names = training_args.label_names or ["labels"]
+
+    return check
+
+
+def _patched_get_dataset(original):
+    @functools.wraps(original)
+    def get_dataset(template, model_args, data_args, training_args, stage, tokenizer, processor=None):
+        module = original(template, model_args, data_args, training_args, stage, tokenizer, processor)
+        _state.train_dataset = module.get("train_dataset")
+        _state.tokenizer = tokenizer
+        return module
+
+    return get_dataset
+
+
+def _calibration_loader(batch_size: int, max_batches: int):
+    """This rank's calibration batches from the train split LLaMA-Factory prepared; every rank gets the same count
+    (ZeRO-3 gathers are collectives, so ranks must run the same number of forwards)."""
+    import torch
+    import torch.distributed as dist
+
+    from ..calibration.collect import distributed_ready
+    from ..calibration.data import calibration_batches
+
+    if _state.train_dataset is None:
+        raise ValueError(
+            "aira_moe calibration needs the training split, but LLaMA-Factory loaded no train_dataset before the "
+            "model; set `dataset` (or disable use_layer_wise_rank / use_awsvd_init / use_activation_aware)."
+        )
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed_ready() else (0, 1)
+    tokenizer = _state.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for batch in calibration_batches(_state.train_dataset, batch_size, pad_id, rank, world):
+        batches.append(batch)
+        if len(batches) == max_batches:
+            break
+    if distributed_ready():
+        count = torch.tensor([len(batches)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        batches = batches[: int(count.item())]
+    return batches
+
+
+def _find_resume_checkpoint() -> Optional[str]:
+    args = _state.training_args
+    path = getattr(args, "resume_from_checkpoint", None) if args is not None else None
+    if path and os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return path
+    return None
+
+
+def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: bool):
+    """What ``init_adapter`` does for aira_moe: load adapters (export/chat/continued training), or create a new one,
+    calibrated on the train split -- or, on resume, rebuilt from the checkpoint's saved ranks without calibration."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from ..tuner.config import AiraMoeConfig
+
+    if is_trainable and getattr(model, "quantization_method", None) is not None:
+        raise ValueError("aira_moe cannot train on a quantised model (see `quantization_bit`).")
+    adapters = list(model_args.adapter_name_or_path or [])
+    to_merge = adapters if (not is_trainable or finetuning_args.create_new_adapter) else adapters[:-1]
+    for path in to_merge:
+        model = PeftModel.from_pretrained(model, path, offload_folder=model_args.offload_folder).merge_and_unload()
+    if to_merge:
+        logger.info("aira_moe: merged %d adapter(s): %s", len(to_merge), ", ".join(to_merge))
+    if not is_trainable:
+        return model
+
+    resume = _find_resume_checkpoint()
+    if adapters and not finetuning_args.create_new_adapter:
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+        logger.info("aira_moe: continuing training of adapter %s", adapters[-1])
+    elif resume is not None:
+        # same shapes as the checkpoint (its rank_pattern), no re-calibration; the Trainer then loads its weights
+        peft_config = AiraMoeConfig.from_pretrained(resume)
+        peft_config.inference_mode = False
+        model = get_peft_model(model, peft_config)
+        logger.info("aira_moe: rebuilt adapter from %s for resume (ranks reused, calibration skipped)", resume)
+    else:
+        peft_config = peft_config_from_args(finetuning_args)
+        model = get_peft_model(model, peft_config)
+        if peft_config.needs_calibration:
+            args = _state.training_args
+            batch_size = args.per_device_train_batch_size if args is not None else 1
+            loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
+            model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
+
+    pure_half = finetuning_args.pure_bf16 or finetuning_args.use_badam
+    if not pure_half and not is_deepspeed_zero3_enabled():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)
+    return model
+
+
+def _patched_init_adapter(original):
+    @functools.wraps(original)
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        if not _is_aira_moe(finetuning_args):
+            return original(config, model, model_args, finetuning_args, is_trainable)
+        return setup_aira_moe(config, model, model_args, finetuning_args, is_trainable)
+
+    return init_adapter
+
+
+def _replace(module, name: str, make_wrapper) -> None:
+    original = getattr(module, name, None)
+    if original is None:
+        raise _fail(f"{module.__name__}.{name}")
+    if getattr(original, _PATCHED_MARK, False):
+        return
+    wrapper = make_wrapper(original)
+    setattr(wrapper, _PATCHED_MARK, True)
+    setattr(module, name, wrapper)
+
+
+def install() -> None:
+    """Patch LLaMA-Factory (idempotent). Raises if the installed version lacks what is patched."""
+    import llamafactory
+
+    if llamafactory.__version__ not in SUPPORTED_LLAMAFACTORY:
+        raise _fail(f"a tested version (found {llamafactory.__version__})")
+    import llamafactory.data as lf_data
+    import llamafactory.data.loader as lf_data_loader
+    import llamafactory.hparams as lf_hparams
+    import llamafactory.hparams.parser as lf_parser
+    import llamafactory.model.adapter as lf_adapter
+    import llamafactory.model.loader as lf_loader
+
+    original_args = lf_hparams.FinetuningArguments
+    if not getattr(original_args, _PATCHED_MARK, False):
+        extended = _make_arguments_class(original_args)
+        setattr(extended, _PATCHED_MARK, True)
+        for table_name in ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS"):
+            table = getattr(lf_parser, table_name, None)
+            if table is None or original_args not in table:
+                raise _fail(f"llamafactory.hparams.parser.{table_name} with FinetuningArguments")
+            table[table.index(original_args)] = extended
+        lf_hparams.FinetuningArguments = extended
+        lf_parser.FinetuningArguments = extended
+
+    _replace(lf_parser, "_verify_model_args", _patched_verify_model_args)
+    _replace(lf_parser, "_check_extra_dependencies", _patched_check_extra_dependencies)
+    _replace(lf_adapter, "init_adapter", _patched_init_adapter)
+    lf_loader.init_adapter = lf_adapter.init_adapter  # loader imported the name at its import
+    _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
+    lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data

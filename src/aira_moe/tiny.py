@@ -1,0 +1,123 @@
+"""The bundled tiny default: a random Llama, a locally trained BPE tokenizer and synthetic arithmetic multiple-choice
+data, all built in code (no network, no hub), for the README demo, ``TINY=1`` recipes and the tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+LETTERS = "ABCD"
+TINY_DATASET = "tiny_arith"
+
+
+def arithmetic_items(count: int, seed: int) -> list[dict]:
+    """Multiple-choice sums: question, A-D options (one correct), answer letter."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(count):
+        a, b = rng.randint(1, 49), rng.randint(1, 49)
+        correct = a + b
+        wrong = rng.sample([correct + d for d in (-3, -2, -1, 1, 2, 3, 10)], 3)
+        options = wrong + [correct]
+        rng.shuffle(options)
+        items.append({
+            "question": f"What is {a} + {b}?",
+            **{letter: str(value) for letter, value in zip(LETTERS, options)},
+            "answer": LETTERS[options.index(correct)],
+        })
+    return items
+
+
+def mc_prompt(item: dict) -> str:
+    return item["question"] + "".join(f"\n{letter}. {item[letter]}" for letter in LETTERS) + "\nAnswer:"
+
+
+def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 400):
+    """Byte-level BPE trained on ``corpus`` (so any text, templates included, tokenises), saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(output_dir)
+    return fast
+
+
+def build_model(output_dir: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A random LlamaForCausalLM (fp32) saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(output_dir)
+    return model
+
+
+def write_task_files(root: str, items: list[dict], dev_items: list[dict]) -> None:
+    """The evaluator's gsm8k layout: <root>/gsm8k/test.csv (header id,question,A,B,C,D,answer) and dev.csv."""
+    os.makedirs(os.path.join(root, "gsm8k"), exist_ok=True)
+    for name, rows in (("test.csv", items), ("dev.csv", dev_items)):
+        with open(os.path.join(root, "gsm8k", name), "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "question", *LETTERS, "answer"])
+            for index, item in enumerate(rows):
+                writer.writerow([index, item["question"], *(item[letter] for letter in LETTERS), item["answer"]])
+
+
+def build_tiny_assets(output_dir: str, num_train: int = 256, num_test: int = 64, num_layers: int = 2, seed: int = 0) -> dict:
+    """Write model/, data/ (dataset_info.json + tiny_arith.json, Alpaca format) and eval/ under ``output_dir``.
+    Returns their paths. Idempotent: an existing complete set is reused."""
+    paths = {
+        "model": os.path.join(output_dir, "model"),
+        "dataset_dir": os.path.join(output_dir, "data"),
+        "task_dir": os.path.join(output_dir, "eval"),
+        "dataset": TINY_DATASET,
+    }
+    marker = os.path.join(output_dir, "tiny_assets.json")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            if json.load(handle) == paths:
+                return paths
+    train = arithmetic_items(num_train, seed)
+    test = arithmetic_items(num_test, seed + 1)
+    dev = arithmetic_items(5, seed + 2)
+    rows = [{"instruction": mc_prompt(item), "input": "", "output": item["answer"]} for item in train]
+    os.makedirs(paths["dataset_dir"], exist_ok=True)
+    with open(os.path.join(paths["dataset_dir"], f"{TINY_DATASET}.json"), "w", encoding="utf-8") as handle:
+        json.dump(rows, handle)
+    with open(os.path.join(paths["dataset_dir"], "dataset_info.json"), "w", encoding="utf-8") as handle:
+        json.dump({TINY_DATASET: {"file_name": f"{TINY_DATASET}.json"}}, handle, indent=2)
+    write_task_files(paths["task_dir"], test, dev)
+    corpus = [mc_prompt(item) + " " + item["answer"] for item in train + test] + [
+        "Human: Assistant: system user assistant ### Instruction: Response: The following are multiple choice questions"
+    ]
+    tokenizer = build_tokenizer(corpus, paths["model"])
+    build_model(paths["model"], vocab_size=len(tokenizer), num_layers=num_layers, seed=seed)
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(paths, handle)
+    return paths

@@ -1,0 +1,211 @@
+"""AiraMoeConfig: the peft config of the AiraMoe adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registry import ensure_peft_type
+
+COLA_STRATEGIES = ("full", "heuristic", "random")
+THETA_TYPES = ("lod", "act")
+OBJECTIVE_FUNCTIONS = ("log", "linear", "exp2", "cubic")
+ACTIVATION_AWARE_MODES = ("inps", "outps")
+AWSVD_SOLVERS = ("randomized", "full")
+AWSVD_SPLITS = ("reference", "symmetric")
+BIAS_OPTIONS = ("none", "all", "aira_moe_only")
+
+
+def _require_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def _require_at_least(name: str, value, minimum) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+@dataclass
+class AiraMoeConfig(PeftConfig):
+    """Configuration of an AiraMoe adapter: CoLA's collaborative low-rank experts (``num_A`` down-projections and
+    ``num_B`` up-projections per layer) plus three activation-aware techniques fed by one calibration pass (layer-wise
+    rank allocation, AwSVD initialisation, activation-aware weighting). See CoLA (https://arxiv.org/abs/2405.13840)
+    and the project's ``docs/method.md``.
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of every A and B expert (before layer-wise allocation). "})
+    lora_alpha: int = field(
+        default=8,
+        metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA). "},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input. "})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match) or a regex of the Linear modules to adapt, or 'all-linear'. "
+            "If None, the module names LoRA uses for the model's architecture are chosen. "
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules that must not be adapted. "}
+    )
+    num_A: int = field(default=1, metadata={"help": "Number of down-projection experts A_i (r x in) per layer. "})
+    num_B: int = field(default=1, metadata={"help": "Number of up-projection experts B_j (out x r) per layer. "})
+    cola_strategy: Literal["full", "heuristic", "random"] = field(
+        default="full",
+        metadata={
+            "help": "How A and B experts collaborate: 'full' sums every pair (one LoRA-sized GEMM pair), "
+            "'heuristic' binds each B to one A, 'random' pairs each A with one random B per training step "
+            "and uses the expectation in eval and merge. "
+        },
+    )
+    cola_seed: int = field(
+        default=0, metadata={"help": "Seed of the per-step pairing of the 'random' strategy (same on every rank). "}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r. "}
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module rank overriding r, keyed by full module name; filled by layer-wise allocation and "
+            "saved so that the adapter reloads with the same shapes. "
+        },
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module lora_alpha overriding lora_alpha, keyed by module name. "}
+    )
+    use_layer_wise_rank: bool = field(
+        default=False, metadata={"help": "Allocate ranks per decoder layer from calibrated layer importance. "}
+    )
+    theta_type: Literal["lod", "act"] = field(
+        default="lod",
+        metadata={
+            "help": "Layer importance: 'lod' (fraction of outlier |W_ij| * ||X_j|| entries) or 'act' (mean |x|). "
+        },
+    )
+    lod_threshold_M: float = field(
+        default=2.0, metadata={"help": "An entry is an outlier when it exceeds lod_threshold_M times the mean. "}
+    )
+    rank_budget: Union[int, str] = field(
+        default=64,
+        metadata={
+            "help": "Sum of ranks over allocation units (decoder layers), or 'auto' for num_layers * r "
+            "(the parameter count of uniform rank r). "
+        },
+    )
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank a layer may get. "})
+    max_rank: int = field(default=16, metadata={"help": "Largest rank a layer may get. "})
+    objective_function: Literal["log", "linear", "exp2", "cubic"] = field(
+        default="log",
+        metadata={"help": "Allocation objective f in max sum_l theta_l * f(r_l): log, linear, exp2 (r^2), cubic (r^3). "},
+    )
+    use_awsvd_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Initialise A and B from the SVD of W * diag(activation RMS); the initial update is subtracted "
+            "from the base weight so the model output is unchanged at step 0. "
+        },
+    )
+    awsvd_collect_steps: int = field(
+        default=100, metadata={"help": "Number of calibration batches (one pass serves every technique). "}
+    )
+    awsvd_solver: Literal["randomized", "full"] = field(
+        default="randomized", metadata={"help": "SVD used by AwSVD: 'randomized' (fast, default) or 'full'. "}
+    )
+    awsvd_niter: int = field(default=6, metadata={"help": "Power iterations of the randomized SVD. "})
+    awsvd_oversample: int = field(default=16, metadata={"help": "Extra columns sampled by the randomized SVD. "})
+    awsvd_split: Literal["reference", "symmetric"] = field(
+        default="reference",
+        metadata={
+            "help": "Where the singular values go: 'reference' puts them in B, 'symmetric' splits sqrt(S) "
+            "between A and B. "
+        },
+    )
+    use_activation_aware: bool = field(
+        default=False, metadata={"help": "Weight the update by fixed per-channel activation scores. "}
+    )
+    activation_aware_mode: Literal["inps", "outps"] = field(
+        default="inps",
+        metadata={"help": "Score input channels (mean |x|) with 'inps' or output channels (mean |Wx|) with 'outps'. "},
+    )
+    activation_normalize: bool = field(
+        default=True, metadata={"help": "Min-max normalise the channel scores to [0, 1]. "}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: B experts start at zero so the adapter is the identity at step 0. "
+            "False: every expert is random (non-zero update), for tests. "
+        },
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "Set True when the target stores its weight as (in, out), as GPT-2's Conv1D does. "}
+    )
+    bias: str = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'aira_moe_only'. "}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters that are trained and saved in full. "}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the decoder layers with these indices. "}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the ModuleList that holds the decoder layers (e.g. 'layers'), with layers_to_transform. "},
+    )
+    calibrated: bool = field(
+        default=False,
+        metadata={
+            "help": "Set by calibration: the saved ranks, initial factors and channel scores are final and "
+            "must be reused, never recomputed (resume, reload). "
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for every value the adapter cannot work with."""
+        _require_at_least("r", self.r, 1)
+        _require_at_least("num_A", self.num_A, 1)
+        _require_at_least("num_B", self.num_B, 1)
+        _require_choice("cola_strategy", self.cola_strategy, COLA_STRATEGIES)
+        _require_choice("theta_type", self.theta_type, THETA_TYPES)
+        _require_choice("objective_function", self.objective_function, OBJECTIVE_FUNCTIONS)
+        _require_choice("activation_aware_mode", self.activation_aware_mode, ACTIVATION_AWARE_MODES)
+        _require_choice("awsvd_solver", self.awsvd_solver, AWSVD_SOLVERS)
+        _require_choice("awsvd_split", self.awsvd_split, AWSVD_SPLITS)
+        _require_choice("bias", self.bias, BIAS_OPTIONS)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.lod_threshold_M > 0:
+            raise ValueError(f"`lod_threshold_M` must be > 0, got {self.lod_threshold_M!r}.")
+        _require_at_least("min_rank", self.min_rank, 1)
+        _require_at_least("max_rank", self.max_rank, 1)
+        if self.min_rank > self.max_rank:
+            raise ValueError(f"`min_rank` ({self.min_rank}) must be <= `max_rank` ({self.max_rank}).")
+        if self.rank_budget != "auto":
+            _require_at_least("rank_budget", self.rank_budget, 1)
+        _require_at_least("awsvd_collect_steps", self.awsvd_collect_steps, 1)
+        _require_at_least("awsvd_niter", self.awsvd_niter, 0)
+        _require_at_least("awsvd_oversample", self.awsvd_oversample, 0)
+        for name, rank in self.rank_pattern.items():
+            _require_at_least(f"rank_pattern[{name!r}]", rank, 1)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any technique needs activation statistics before training."""
+        return self.use_layer_wise_rank or self.use_awsvd_init or self.use_activation_aware

@@ -1,0 +1,360 @@
+"""AiraMoe layers: stacked A/B experts around a frozen Linear."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from .._zero import gathered
+from .collaboration import effective_factors, heuristic_pairing, pairing_total, random_pairing_indices
+
+
+class StepCounter:
+    """Training-forward counter shared by all layers of one model; the 'random' strategy draws its pairing from it,
+    so a gradient-checkpointing recompute of the same step sees the same pairing."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class AiraMoeLayer(BaseTunerLayer):
+    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts
+    adapter_layer_names = ("aira_moe_A", "aira_moe_B")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "aira_moe_dropout",
+        "aira_moe_channel_scale",
+        "aira_moe_init_A",
+        "aira_moe_init_B",
+        "aira_moe_pairing",
+    )
+
+    def __init__(self, base_layer: nn.Module, step_counter: StepCounter | None = None, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.strategy: dict[str, str] = {}
+        self.cola_seed: dict[str, int] = {}
+        self.activation_mode: dict[str, str] = {}
+        self.aira_moe_A = nn.ParameterDict({})  # adapter -> (num_A, r, in)
+        self.aira_moe_B = nn.ParameterDict({})  # adapter -> (num_B, out, r)
+        self.aira_moe_dropout = nn.ModuleDict({})
+        # fixed per-channel weights of the update (activation-aware weighting); shipped with the adapter
+        self.aira_moe_channel_scale = BufferDict({}, persistent=True)
+        # the initial update dW0 = init_B @ init_A that AwSVD subtracted from the base weight; shipped with the adapter
+        # so that loading onto the original base weight can redo the subtraction
+        self.aira_moe_init_A = BufferDict({}, persistent=True)
+        self.aira_moe_init_B = BufferDict({}, persistent=True)
+        # heuristic pairing matrix M (num_B x num_A); derived from num_A/num_B, not saved
+        self.aira_moe_pairing = BufferDict({}, persistent=False)
+        # adapter -> (init_B, init_A) currently subtracted from the base weight
+        self._residual_applied: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.step_counter = step_counter or StepCounter()
+        self.layer_key = ""
+        self.fan_in_fan_out = kwargs.get("fan_in_fan_out", False)
+        self.kwargs = kwargs
+
+        base_layer = self.get_base_layer()
+        if isinstance(base_layer, nn.Linear):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        elif type(base_layer).__name__ == "Conv1D":  # transformers' GPT-2 style (in, out) weight
+            in_features, out_features = base_layer.weight.ds_shape if hasattr(base_layer.weight, "ds_shape") else (
+                base_layer.weight.shape
+            )
+        else:
+            raise ValueError(
+                f"AiraMoe can only adapt torch.nn.Linear (or transformers Conv1D) modules, got {type(base_layer).__name__}; "
+                "remove it from `target_modules`."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_load_state_dict_post_hook(_resync_residuals_after_load)
+
+    # ---------------------------------------------------------------- building
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        num_A: int,
+        num_B: int,
+        cola_strategy: str,
+        cola_seed: int = 0,
+        use_rslora: bool = False,
+        init_weights: bool = True,
+        activation_mode: Optional[str] = None,
+        with_initial_factors: bool = False,
+    ) -> None:
+        """Create (or re-create with a new rank) the experts of ``adapter_name``."""
+        if r < 1:
+            raise ValueError(f"`r` must be an integer >= 1, got {r!r}.")
+        if adapter_name in self._residual_applied:
+            self._restore_residual(adapter_name)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.strategy[adapter_name] = cola_strategy
+        self.cola_seed[adapter_name] = cola_seed
+        self.aira_moe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.aira_moe_A[adapter_name] = nn.Parameter(torch.empty(num_A, r, self.in_features))
+        self.aira_moe_B[adapter_name] = nn.Parameter(torch.empty(num_B, self.out_features, r))
+        if cola_strategy == "heuristic":
+            self.aira_moe_pairing[adapter_name] = heuristic_pairing(num_A, num_B)
+        self.activation_mode[adapter_name] = activation_mode
+        if activation_mode is not None:
+            size = self.in_features if activation_mode == "inps" else self.out_features
+            self.aira_moe_channel_scale[adapter_name] = torch.ones(size)
+        if with_initial_factors:
+            width = r if cola_strategy in ("full", "random") else num_A * r
+            self.aira_moe_init_A[adapter_name] = torch.zeros(width, self.in_features)
+            self.aira_moe_init_B[adapter_name] = torch.zeros(self.out_features, width)
+        self.reset_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """LoRA-style init: every A expert Kaiming-uniform, every B expert zero, so the update is exactly 0.
+        With ``init_weights=False`` the B experts are random too (a non-zero update, for tests)."""
+        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
+        with torch.no_grad():
+            for expert in experts_A:  # (r, in) each: fan_in = in, as for nn.Linear
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            if init_weights:
+                experts_B.zero_()
+            else:
+                nn.init.normal_(experts_B, std=1.0 / math.sqrt(experts_B.shape[-1]))
+
+    def set_channel_scale(self, adapter_name: str, scale: torch.Tensor) -> None:
+        """Set the fixed per-channel weights of the update (activation-aware weighting)."""
+        expected = self.aira_moe_channel_scale[adapter_name].shape
+        if scale.shape != expected:
+            raise ValueError(f"channel scale for {self.layer_key} must have shape {tuple(expected)}, got {tuple(scale.shape)}")
+        device = self.aira_moe_channel_scale[adapter_name].device
+        self.aira_moe_channel_scale[adapter_name] = scale.detach().to(device=device, dtype=torch.float32)
+
+    def set_initial_update(self, adapter_name: str, target_A: torch.Tensor, target_B: torch.Tensor) -> None:
+        """Initialise the experts so that the collaborative update equals ``target_B @ target_A`` (before the channel
+        weighting), then subtract the resulting initial update from the base weight so the output is unchanged.
+
+        Every A_i = target_A and every B_j = target_B / (s * sum(M)): then ``s * sum_ji M[j,i] B_j A_i`` equals the
+        target for any pairing M with that total -- including each sampled pairing of the 'random' strategy.
+        """
+        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
+        num_A, num_B = experts_A.shape[0], experts_B.shape[0]
+        total = pairing_total(self.strategy[adapter_name], num_A, num_B)
+        with torch.no_grad():
+            experts_A.copy_(target_A.to(experts_A).unsqueeze(0).expand_as(experts_A))
+            experts_B.copy_((target_B.to(torch.float32) / (self.scaling[adapter_name] * total)).to(experts_B).unsqueeze(0).expand_as(experts_B))
+        factor_A, factor_B = self._factors(adapter_name, training=False)
+        self.aira_moe_init_A[adapter_name] = factor_A.detach().float().contiguous().clone()
+        self.aira_moe_init_B[adapter_name] = factor_B.detach().float().contiguous().clone()
+        self._sync_residual(adapter_name)
+
+    # ---------------------------------------------------------------- residual of the AwSVD init
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        weight = self.get_base_layer().weight
+        with gathered([weight], modifier_rank=0), torch.no_grad():
+            update = _transpose(delta, self.fan_in_fan_out).to(weight.device)
+            weight.data = (weight.data.float() + update).to(weight.dtype)
+
+    def _sync_residual(self, adapter_name: str) -> None:
+        """Make the base weight hold W_original - init_B @ init_A for this adapter's saved initial factors."""
+        if adapter_name not in self.aira_moe_init_A:
+            return
+        desired = (self.aira_moe_init_B[adapter_name], self.aira_moe_init_A[adapter_name])
+        applied = self._residual_applied.get(adapter_name)
+        if applied is not None and all(torch.equal(a, d) for a, d in zip(applied, desired)):
+            return
+        delta = -(desired[0].float() @ desired[1].float())
+        if applied is not None:
+            delta = delta + applied[0].float() @ applied[1].float()
+        self._add_to_base_weight(delta)
+        self._residual_applied[adapter_name] = (desired[0].detach().clone(), desired[1].detach().clone())
+
+    def _restore_residual(self, adapter_name: str) -> None:
+        """Add the initial update of ``adapter_name`` back into the base weight (undo ``_sync_residual``)."""
+        applied = self._residual_applied.pop(adapter_name, None)
+        if applied is not None:
+            self._add_to_base_weight(applied[0].float() @ applied[1].float())
+
+    # ---------------------------------------------------------------- math
+
+    def _factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B_eff) with dW = B_eff @ A_eff; see collaboration.effective_factors."""
+        strategy = self.strategy[adapter_name]
+        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
+        random_indices = None
+        if strategy == "random" and training:
+            random_indices = random_pairing_indices(
+                experts_A.shape[0], experts_B.shape[0], self.cola_seed[adapter_name], self.layer_key, self.step_counter.value
+            )
+        scale = self.aira_moe_channel_scale[adapter_name] if adapter_name in self.aira_moe_channel_scale else None
+        mode = self.activation_mode.get(adapter_name)
+        return effective_factors(
+            experts_A,
+            experts_B,
+            strategy=strategy,
+            scaling=self.scaling[adapter_name],
+            pairing=self.aira_moe_pairing[adapter_name] if strategy == "heuristic" else None,
+            random_indices=random_indices,
+            in_scale=scale if mode == "inps" else None,
+            out_scale=scale if mode == "outps" else None,
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """dW of ``adapter_name`` in the layout of the base weight (eval pairing: E[M] for 'random')."""
+        device = self.aira_moe_B[adapter_name].device
+        dtype = self.aira_moe_B[adapter_name].dtype
+        # half precision matmul on CPU is slow or missing: compute in fp32, cast only the result back
+        cast_to_fp32 = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        factor_A, factor_B = self._factors(adapter_name, training=False)
+        if cast_to_fp32:
+            factor_A, factor_B = factor_A.float(), factor_B.float()
+        delta = _transpose(factor_B @ factor_A, self.fan_in_fan_out)
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+
+class Linear(nn.Module, AiraMoeLayer):
+    """AiraMoe around a frozen ``nn.Linear`` (or GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        step_counter: StepCounter | None = None,
+        layer_key: str = "",
+        fan_in_fan_out: bool = False,
+        **update_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        AiraMoeLayer.__init__(self, base_layer, step_counter=step_counter, fan_in_fan_out=fan_in_fan_out)
+        self.layer_key = layer_key
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **update_kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for active_adapter in adapter_names:
+            if active_adapter not in self.aira_moe_A:
+                continue
+            delta = self.get_delta_weight(active_adapter)
+            with gathered([base_layer.weight], modifier_rank=0):
+                if safe_merge:
+                    merged = base_layer.weight.data + delta.to(base_layer.weight.dtype)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {active_adapter} seems to be broken")
+                    base_layer.weight.data = merged
+                else:
+                    base_layer.weight.data += delta.to(base_layer.weight.dtype)
+            self.merged_adapters.append(active_adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            active_adapter = self.merged_adapters.pop()
+            if active_adapter in self.aira_moe_A:
+                with gathered([base_layer.weight], modifier_rank=0):
+                    base_layer.weight.data -= self.get_delta_weight(active_adapter).to(base_layer.weight.dtype)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """Called by peft's unload/merge_and_unload: merging keeps the AwSVD residual (W - dW0 + dW is the trained
+        weight); plain unloading restores the original base weight."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        else:
+            if self.merged:
+                self.unmerge()
+            for adapter_name in list(self._residual_applied):
+                self._restore_residual(adapter_name)
+        return self.get_base_layer()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._restore_residual(adapter_name)
+        for table in (self.strategy, self.cola_seed, self.activation_mode):
+            table.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # peft's version also casts buffers to the base dtype; statistics and initial factors stay fp32 here
+        weight = self.get_base_layer().weight
+        device = device or weight.device
+        if device.type == "meta":
+            return
+        for name in ("aira_moe_A", "aira_moe_B"):
+            table = getattr(self, name)
+            if adapter_name in table:
+                table[adapter_name] = nn.Parameter(
+                    table[adapter_name].data.to(device, dtype=weight.dtype if weight.dtype.is_floating_point else None),
+                    requires_grad=table[adapter_name].requires_grad,
+                )
+        for name in ("aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B", "aira_moe_pairing"):
+            table = getattr(self, name)
+            if adapter_name in table:
+                table[adapter_name] = table[adapter_name].to(device)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+            return self._add_back_residuals(x, result, skip=())
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.aira_moe_A]
+        result = self._add_back_residuals(x, result, skip=active)
+        torch_result_dtype = result.dtype
+        for active_adapter in active:
+            factor_A, factor_B = self._factors(active_adapter, training=self.training)
+            dropout = self.aira_moe_dropout[active_adapter]
+            x_in = self._cast_input_dtype(x, factor_A.dtype)
+            hidden = F.linear(dropout(x_in), factor_A)  # (..., R)
+            result = result + F.linear(hidden, factor_B).to(torch_result_dtype)  # (..., out)
+        return result
+
+    def _add_back_residuals(self, x: torch.Tensor, result: torch.Tensor, skip) -> torch.Tensor:
+        """The base weight lacks dW0 of every AwSVD-initialised adapter; add it back for adapters that are not
+        running (disabled or inactive), so that disabling gives the original model."""
+        for adapter_name, (init_B, init_A) in self._residual_applied.items():
+            if adapter_name in skip:
+                continue
+            x_in = x.to(init_A.dtype)
+            result = result + F.linear(F.linear(x_in, init_A), init_B).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "aira_moe." + super().__repr__()
+
+
+def _resync_residuals_after_load(module: AiraMoeLayer, incompatible_keys) -> None:
+    # peft loads adapter weights with load_state_dict; new initial factors must be re-subtracted from the base weight
+    for adapter_name in list(module.aira_moe_init_A.keys()):
+        module._sync_residual(adapter_name)

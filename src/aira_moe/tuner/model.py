@@ -1,0 +1,169 @@
+"""AiraMoeModel: injects AiraMoe layers and runs the calibration-driven techniques."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from .config import AiraMoeConfig
+from .layer import AiraMoeLayer, Linear, StepCounter
+
+
+def lookup_pattern(pattern: dict, module_name: str, default):
+    """Value of ``pattern`` for ``module_name``: an exact key, else the longest key that is a dotted suffix of it."""
+    if module_name in pattern:
+        return pattern[module_name]
+    matches = [key for key in pattern if module_name.endswith("." + key)]
+    return pattern[max(matches, key=len)] if matches else default
+
+
+class AiraMoeModel(BaseTuner):
+    """Wraps a transformers model with AiraMoe adapters; see ``AiraMoeConfig``.
+
+    Example::
+
+        >>> from peft import get_peft_model
+        >>> from aira_moe import AiraMoeConfig
+        >>> model = get_peft_model(base_model, AiraMoeConfig(r=8, num_A=2, num_B=3, target_modules=["q_proj", "v_proj"]))
+        >>> model.calibrate(train_loader)  # only needed when a technique (allocation, AwSVD, weighting) is enabled
+    """
+
+    prefix: str = "aira_moe_"
+    tuner_layer_cls = AiraMoeLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: AiraMoeConfig, adapter_name: str) -> None:
+        if not hasattr(self, "step_counter"):
+            self.step_counter = StepCounter()
+            # one tick per training forward of the whole model: the 'random' pairing changes per step, identically on
+            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step
+            self.register_forward_pre_hook(_count_training_step)
+
+    def _create_and_replace(
+        self,
+        config: AiraMoeConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        update_kwargs = self._layer_kwargs(config, current_key)
+        if isinstance(target, AiraMoeLayer):
+            target.update_layer(adapter_name, **update_kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key, self.step_counter, **update_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _layer_kwargs(config: AiraMoeConfig, module_name: str) -> dict:
+        return {
+            "r": lookup_pattern(config.rank_pattern, module_name, config.r),
+            "lora_alpha": lookup_pattern(config.alpha_pattern, module_name, config.lora_alpha),
+            "lora_dropout": config.lora_dropout,
+            "num_A": config.num_A,
+            "num_B": config.num_B,
+            "cola_strategy": config.cola_strategy,
+            "cola_seed": config.cola_seed,
+            "use_rslora": config.use_rslora,
+            "init_weights": config.init_weights,
+            "activation_mode": config.activation_aware_mode if config.use_activation_aware else None,
+            "with_initial_factors": config.use_awsvd_init,
+        }
+
+    @staticmethod
+    def _create_new_module(config, adapter_name, target, current_key, step_counter, **update_kwargs) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        is_conv1d = type(base).__name__ == "Conv1D"
+        if not isinstance(base, nn.Linear) and not is_conv1d:
+            raise ValueError(
+                f"`target_modules` matched {current_key!r}, a {type(base).__name__}; AiraMoe adapts only torch.nn.Linear "
+                "(and transformers Conv1D) modules."
+            )
+        if is_conv1d and not config.fan_in_fan_out:
+            raise ValueError(f"{current_key!r} is a Conv1D with an (in, out) weight: set `fan_in_fan_out=True`.")
+        if not is_conv1d and config.fan_in_fan_out:
+            raise ValueError(f"`fan_in_fan_out=True` but {current_key!r} is a torch.nn.Linear: set `fan_in_fan_out=False`.")
+        return Linear(
+            target,
+            adapter_name,
+            step_counter=step_counter,
+            layer_key=current_key,
+            fan_in_fan_out=config.fan_in_fan_out,
+            **update_kwargs,
+        )
+
+    def _check_new_adapter_config(self, config: AiraMoeConfig) -> None:
+        super()._check_new_adapter_config(config)
+        awsvd_adapters = [name for name, conf in self.peft_config.items() if getattr(conf, "use_awsvd_init", False)]
+        if len(awsvd_adapters) > 1:
+            raise ValueError(
+                f"Only one adapter per model may use `use_awsvd_init` (it rewrites the base weight); found {awsvd_adapters}."
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def aira_moe_layers(self, adapter_name: Optional[str] = None) -> dict[str, Linear]:
+        """Adapted modules by name (names relative to the wrapped model, as in ``rank_pattern``)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, AiraMoeLayer) and adapter_name in module.aira_moe_A
+        }
+
+    # ------------------------------------------------------------------ calibration API (see aira_moe.calibration)
+
+    def compute_layer_importance(
+        self, loader: Iterable[dict], max_samples: int = 1000, adapter_name: Optional[str] = None
+    ) -> dict[str, float]:
+        """Run a calibration pass over at most ``max_samples`` sequences and return theta per allocation unit."""
+        from ..calibration.pipeline import collect_for_model, layer_importance
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        stats = collect_for_model(self, loader, adapter_name, max_batches=None, max_samples=max_samples)
+        return layer_importance(self, stats, adapter_name)
+
+    def optimize_layer_ranks(
+        self, importance: dict[str, float], objective_function: Optional[str] = None, adapter_name: Optional[str] = None
+    ) -> dict[str, int]:
+        """Solve the rank allocation exactly for the given importance; returns rank per allocation unit."""
+        from ..calibration.pipeline import solve_allocation
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        return solve_allocation(self.peft_config[adapter_name], importance, objective_function)
+
+    def apply_layer_wise_ranks(self, allocation: dict[str, int], adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Rebuild every adapted module with the rank of its allocation unit; records the result in ``rank_pattern``."""
+        from ..calibration.pipeline import apply_allocation
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        return apply_allocation(self, allocation, adapter_name)
+
+    def calibrate(
+        self,
+        loader: Iterable[dict],
+        max_batches: Optional[int] = None,
+        adapter_name: Optional[str] = None,
+        report_dir: Optional[str] = None,
+    ):
+        """One calibration pass (``max_batches`` or ``awsvd_collect_steps`` batches), then every technique enabled in
+        the config: layer-wise ranks, AwSVD initialisation, activation-aware weighting. Returns the report."""
+        from ..calibration.pipeline import calibrate_model
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        return calibrate_model(self, loader, adapter_name, max_batches=max_batches, report_dir=report_dir)
+
+
+def _count_training_step(module: AiraMoeModel, args, kwargs=None):
+    if module.training:
+        module.step_counter.value += 1
