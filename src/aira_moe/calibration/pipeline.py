@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging  # noqa: F401
 from .._logging import get_logger
 import re
 import time

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import logging  # noqa: F401
 from .._logging import get_logger
 import os
 from dataclasses import dataclass, field

@@ -40,8 +40,14 @@ class AiraMoeModel(BaseTuner):
         if not hasattr(self, "step_counter"):
             self.step_counter = StepCounter()
             # one tick per training forward of the whole model: the 'random' pairing changes per step, identically on
-            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step
-            self.register_forward_pre_hook(_count_training_step)
+            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step. PeftModel calls
+            # either this tuner (which calls model.forward, no hooks) or the wrapped model directly: exactly one fires.
+            self.register_forward_pre_hook(self._count_training_step)
+            model.register_forward_pre_hook(self._count_training_step)
+
+    def _count_training_step(self, module: nn.Module, args) -> None:
+        if module.training:
+            self.step_counter.value += 1
 
     def _create_and_replace(
         self,
@@ -163,7 +169,3 @@ class AiraMoeModel(BaseTuner):
         adapter_name = adapter_name or self.active_adapters[0]
         return calibrate_model(self, loader, adapter_name, max_batches=max_batches, report_dir=report_dir)
 
-
-def _count_training_step(module: AiraMoeModel, args, kwargs=None):
-    if module.training:
-        module.step_counter.value += 1

@@ -1,0 +1,287 @@
+"""The AiraMoe peft tuner: collaboration math, init, merge, save/load, adapters, config validation."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import make_tiny_llama
+from peft import PeftModel, get_peft_model
+
+from aira_moe import AiraMoeConfig
+from aira_moe.tuner.collaboration import heuristic_pairing, pairing_from_indices, random_pairing_indices
+from aira_moe.tuner.layer import AiraMoeLayer
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+# (name, config kwargs): the shared checks below run on every case
+CASES = [
+    ("full_1x1", dict(num_A=1, num_B=1, cola_strategy="full")),
+    ("full_2x3", dict(num_A=2, num_B=3, cola_strategy="full")),
+    ("heuristic_2x3", dict(num_A=2, num_B=3, cola_strategy="heuristic")),
+    ("heuristic_3x2", dict(num_A=3, num_B=2, cola_strategy="heuristic")),
+    ("random_2x3", dict(num_A=2, num_B=3, cola_strategy="random")),
+    ("rslora_dropout", dict(num_A=2, num_B=2, use_rslora=True, lora_dropout=0.1)),
+    ("rank_pattern", dict(num_A=2, num_B=3, rank_pattern={"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 7})),
+]
+CASE_IDS = [name for name, _ in CASES]
+
+
+def wrap(model, init_weights=False, **kwargs):
+    config = AiraMoeConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_weights=init_weights, **kwargs)
+    return get_peft_model(model, config)
+
+
+def explicit_pair_sum(experts_A, experts_B, pairing, scaling, x):
+    """Reference: s * sum_j sum_i M[j, i] B_j A_i x, one pair at a time."""
+    out = torch.zeros(*x.shape[:-1], experts_B.shape[1], dtype=x.dtype)
+    for j in range(experts_B.shape[0]):
+        for i in range(experts_A.shape[0]):
+            out = out + pairing[j, i] * (x @ experts_A[i].T @ experts_B[j].T)
+    return scaling * out
+
+
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+@pytest.mark.parametrize("training", [False, True])
+def test_collapsed_forward_equals_explicit_pair_sum(strategy, training):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12)).double()
+    model = get_peft_model(base, AiraMoeConfig(r=3, num_A=2, num_B=5, cola_strategy=strategy, target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    layer.train(training)
+    x = torch.randn(7, 16, dtype=torch.float64)
+    experts_A, experts_B = layer.aira_moe_A["default"], layer.aira_moe_B["default"]
+    if strategy == "full":
+        pairing = torch.ones(5, 2, dtype=torch.float64)
+    elif strategy == "heuristic":
+        pairing = heuristic_pairing(2, 5).double()
+    elif training:
+        indices = random_pairing_indices(2, 5, 0, layer.layer_key, layer.step_counter.value)
+        pairing = pairing_from_indices(indices, 5).double()
+    else:
+        pairing = torch.full((5, 2), 1 / 5, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x) - layer.base_layer(x)
+        want = explicit_pair_sum(experts_A, experts_B, pairing, layer.scaling["default"], x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-10
+
+
+def test_heuristic_pairing_by_hand():
+    # k = 3 // 2 = 1: B0 -> A0, B1 -> A1, leftover B2 -> A(2 - 2) = A0
+    assert heuristic_pairing(2, 3).tolist() == [[1, 0], [0, 1], [1, 0]]
+    # k = 2: B0,B1 -> A0; B2,B3 -> A1; leftover B4 -> A0
+    assert heuristic_pairing(2, 5).tolist() == [[1, 0], [1, 0], [0, 1], [0, 1], [1, 0]]
+    # num_B < num_A: k = 0, every B is a leftover: Bj -> Aj
+    assert heuristic_pairing(3, 2).tolist() == [[1, 0, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_default_init_leaves_output_unchanged(name, kwargs, input_ids):
+    model = make_tiny_llama()
+    reference = model(input_ids).logits
+    peft_model = wrap(model, init_weights=True, **kwargs).eval()
+    assert torch.equal(peft_model(input_ids).logits, reference)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_merge_unmerge_and_unload(name, kwargs, input_ids):
+    model = make_tiny_llama()
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = wrap(model, **kwargs).eval()
+    with torch.no_grad():
+        unmerged = peft_model(input_ids).logits
+        base_out = peft_model.base_model.model.model.embed_tokens(input_ids)  # sanity: base untouched
+        assert not torch.allclose(unmerged, make_tiny_llama()(input_ids).logits, atol=1e-4)  # adapter is non-zero
+        peft_model.merge_adapter()
+        merged = peft_model(input_ids).logits
+        assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
+        peft_model.unmerge_adapter()
+        for n, p in peft_model.base_model.model.named_parameters():
+            key = n.replace(".base_layer", "")
+            if key in base_weights:
+                assert torch.allclose(p, base_weights[key], atol=1e-6), n
+        merged_model = peft_model.merge_and_unload()
+        assert not any(isinstance(m, AiraMoeLayer) for m in merged_model.modules())
+        assert torch.allclose(merged_model(input_ids).logits, unmerged, atol=1e-5)
+    assert base_out is not None
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_trainable_parameter_count(name, kwargs):
+    model = make_tiny_llama()
+    peft_model = wrap(model, **kwargs)
+    config = peft_model.peft_config["default"]
+    expected = 0
+    for module_name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, AiraMoeLayer):
+            rank = config.rank_pattern.get(module_name, config.r)
+            expected += rank * (config.num_A * module.in_features + config.num_B * module.out_features)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == expected
+
+
+def test_rank_pattern_shapes():
+    peft_model = wrap(make_tiny_llama(), num_A=2, num_B=3, rank_pattern={"model.layers.0.self_attn.q_proj": 2})
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert tuple(layer.aira_moe_A["default"].shape) == (2, 2, 64)
+    assert tuple(layer.aira_moe_B["default"].shape) == (3, 64, 2)
+    other = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    assert tuple(other.aira_moe_A["default"].shape) == (2, 4, 64)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_save_and_reload_in_fresh_process(name, kwargs, tmp_path, input_ids):
+    model = make_tiny_llama()
+    peft_model = wrap(model, **kwargs).eval()
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+        expected = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+        import aira_moe
+        from conftest import make_tiny_llama
+        from peft import PeftModel
+        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = PeftModel.from_pretrained(make_tiny_llama(), {str(tmp_path / 'adapter')!r}).eval()
+        with torch.no_grad():
+            got = model(data["input_ids"]).logits
+        print("MAXDIFF", (got - data["expected"]).abs().max().item())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    diff = float(re.search(r"MAXDIFF (\S+)", result.stdout).group(1))
+    assert diff == 0.0
+
+
+def test_training_step_reduces_loss(input_ids):
+    torch.manual_seed(0)
+    peft_model = wrap(make_tiny_llama(), init_weights=True, num_A=2, num_B=3)
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_random_strategy_is_deterministic_in_eval_and_seeded_in_training(input_ids):
+    model = wrap(make_tiny_llama(), num_A=3, num_B=4, cola_strategy="random", cola_seed=7)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+    twin = wrap(make_tiny_llama(), num_A=3, num_B=4, cola_strategy="random", cola_seed=7)
+    twin.load_state_dict(model.state_dict())
+    model.train()
+    twin.train()
+    outputs = []
+    with torch.no_grad():
+        for _ in range(4):  # each training forward is a new step with a new pairing, the same for both copies
+            a, b = model(input_ids).logits, twin(input_ids).logits
+            assert torch.equal(a, b)
+            outputs.append(a)
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_multiple_adapters_switch_disable_delete(input_ids):
+    model = make_tiny_llama()
+    reference = model(input_ids).logits.detach()
+    peft_model = wrap(model, num_A=2, num_B=2)
+    peft_model.add_adapter("second", AiraMoeConfig(r=2, target_modules=TARGETS, init_weights=False, num_A=1, num_B=3))
+    peft_model.eval()
+    with torch.no_grad():
+        first = peft_model(input_ids).logits
+        peft_model.set_adapter("second")
+        second = peft_model(input_ids).logits
+        assert not torch.allclose(first, second)
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.aira_moe_A["second"].requires_grad and not layer.aira_moe_A["default"].requires_grad
+        with peft_model.disable_adapter():
+            assert torch.allclose(peft_model(input_ids).logits, reference, atol=1e-6)
+        peft_model.delete_adapter("default")
+        assert "default" not in layer.aira_moe_A
+        assert torch.allclose(peft_model(input_ids).logits, second, atol=1e-6)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = AiraMoeConfig(r=6, num_A=2, num_B=3, cola_strategy="heuristic", rank_pattern={"a.b": 3}, rank_budget="auto",
+                           use_awsvd_init=True, target_modules=["q_proj"])
+    config.save_pretrained(tmp_path)
+    loaded = AiraMoeConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "AIRA_MOE"
+
+
+def test_every_field_has_help_without_glued_sentences():
+    for field in dataclasses.fields(AiraMoeConfig):
+        if field.name in {f.name for f in dataclasses.fields(AiraMoeConfig.__mro__[1])}:
+            continue  # PeftConfig's own fields
+        text = field.metadata.get("help", "")
+        assert text.strip(), field.name
+        assert not re.search(r"[a-z]\.[A-Z]", text), (field.name, text)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(num_A=0), "num_A"),
+        (dict(num_B=0), "num_B"),
+        (dict(r=0), "`r`"),
+        (dict(cola_strategy="nested"), "cola_strategy"),
+        (dict(theta_type="grad"), "theta_type"),
+        (dict(objective_function="sqrt"), "objective_function"),
+        (dict(activation_aware_mode="both"), "activation_aware_mode"),
+        (dict(min_rank=8, max_rank=4), "min_rank"),
+        (dict(lod_threshold_M=0), "lod_threshold_M"),
+        (dict(rank_budget="lots"), "rank_budget"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        AiraMoeConfig(**kwargs)
+
+
+def test_non_linear_target_is_refused():
+    with pytest.raises(ValueError, match="embed_tokens.*Embedding"):
+        get_peft_model(make_tiny_llama(), AiraMoeConfig(target_modules=["embed_tokens"]))
+
+
+def test_prefix_is_unique_among_peft_methods():
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft.utils.peft_types import PeftType
+
+    ours = PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.AIRA_MOE]
+    assert ours == "aira_moe_"
+    for peft_type, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if peft_type != PeftType.AIRA_MOE:
+            assert prefix not in ours and ours not in prefix, prefix
+
+
+def test_registration_is_idempotent():
+    from aira_moe.tuner import _register
+    from aira_moe.tuner._registry import ensure_peft_type
+
+    _register()
+    assert ensure_peft_type() is ensure_peft_type()
+
+
+def test_forward_has_no_python_loop_over_pairs():
+    """The collapsed form's cost does not grow with num_A * num_B: 'full' always runs one LoRA-sized GEMM pair."""
+    model = wrap(make_tiny_llama(), num_A=4, num_B=6)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    factor_A, factor_B = layer._factors("default", training=True)
+    assert factor_A.shape == (4, 64) and factor_B.shape == (64, 4)
