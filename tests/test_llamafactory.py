@@ -1,0 +1,221 @@
+"""End to end through the stock ``llamafactory-cli`` on the tiny random Llama (CPU, no network)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("llamafactory")
+
+from aira_moe.tiny import build_tiny_assets  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DEEPSPEED_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "deepspeed")
+
+ALL_TECHNIQUES = {
+    "finetuning_type": "aira_moe",
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "lora_target": "all",
+    "num_A": 2,
+    "num_B": 3,
+    "use_layer_wise_rank": True,
+    "rank_budget": 16,
+    "min_rank": 1,
+    "max_rank": 8,
+    "objective_function": "linear",
+    "use_awsvd_init": True,
+    "awsvd_collect_steps": 4,
+    "use_activation_aware": True,
+    "activation_aware_mode": "inps",
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_tiny_assets(str(tmp_path_factory.mktemp("tiny")), num_layers=4)
+
+
+def train_args(assets, output_dir, **overrides):
+    args = {
+        "model_name_or_path": assets["model"],
+        "stage": "sft",
+        "do_train": True,
+        "dataset": assets["dataset"],
+        "dataset_dir": assets["dataset_dir"],
+        "template": "default",
+        "cutoff_len": 128,
+        "overwrite_cache": True,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",  # so a 3-step run is a prefix of a 6-step run (resume test)
+        "max_steps": 6,
+        "save_steps": 3,
+        "report_to": "none",
+        "use_cpu": True,
+        "plot_loss": True,
+        "seed": 42,
+        **ALL_TECHNIQUES,
+    }
+    args.update(overrides)
+    return args
+
+
+def run_cli(command, args, tmp_path, env=None, check=True):
+    config = tmp_path / f"{command}_{len(list(tmp_path.iterdir()))}.yaml"
+    config.write_text(yaml.safe_dump(args))
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    result = subprocess.run(["llamafactory-cli", command, str(config)], capture_output=True, text=True, env=full_env, timeout=600)
+    log = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"llamafactory-cli {command} failed ({result.returncode}):\n{log[-6000:]}")
+    return result.returncode, log
+
+
+def logged_losses(output_dir):
+    with open(os.path.join(output_dir, "trainer_log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line)["loss"] for line in handle if '"loss"' in line]
+
+
+def rank_pattern(path):
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+        return json.load(handle)["rank_pattern"]
+
+
+def load_adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_train_all_techniques(assets, tmp_path):
+    out = tmp_path / "out"
+    _, log = run_cli("train", train_args(assets, out), tmp_path)
+    losses = logged_losses(out)
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    pattern = rank_pattern(out)
+    assert len(set(pattern.values())) > 1 and len(pattern) == 4 * 7
+    assert sum(pattern[f"model.layers.{i}.self_attn.q_proj"] for i in range(4)) == 16
+    report = json.loads((out / "aira_moe_allocation.json").read_text())
+    assert report["rank_sum"] == 16 and (out / "aira_moe_allocation.png").is_file()
+    assert (out / "training_loss.png").is_file()
+    tensors = load_adapter_tensors(out)
+    assert any("aira_moe_init_A" in k for k in tensors) and any("aira_moe_channel_scale" in k for k in tensors)
+    assert "aira_moe allocation" in log
+
+
+def test_resume_reuses_ranks_and_matches_uninterrupted_run(assets, tmp_path):
+    straight = tmp_path / "straight"
+    run_cli("train", train_args(assets, straight), tmp_path)
+    resumed = tmp_path / "resumed"
+    run_cli("train", train_args(assets, resumed, max_steps=3), tmp_path)
+    _, log = run_cli(
+        "train",
+        train_args(assets, resumed, resume_from_checkpoint=str(resumed / "checkpoint-3"), overwrite_output_dir=False),
+        tmp_path,
+    )
+    assert "calibration skipped" in log and "aira_moe calibration" not in log
+    assert rank_pattern(resumed) == rank_pattern(resumed / "checkpoint-3") == rank_pattern(straight)
+    a, b = load_adapter_tensors(straight), load_adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_export_merges_exactly_and_chat_loads(assets, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run_cli("train", train_args(assets, out, max_steps=4), tmp_path)
+    export_dir = tmp_path / "merged"
+    run_cli(
+        "export",
+        {
+            "model_name_or_path": assets["model"],
+            "adapter_name_or_path": str(out),
+            "finetuning_type": "aira_moe",
+            "template": "default",
+            "export_dir": str(export_dir),
+            "export_device": "cpu",
+        },
+        tmp_path,
+    )
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+    assert ((merged - adapted).norm() / adapted.norm()).item() <= 1e-4
+
+    script = (
+        "from llamafactory.chat import ChatModel\n"
+        f"chat = ChatModel(dict(model_name_or_path={assets['model']!r}, adapter_name_or_path={str(out)!r}, "
+        "finetuning_type='aira_moe', template='default', infer_backend='huggingface', max_new_tokens=4, do_sample=False))\n"
+        "print('REPLY', repr(chat.chat([{'role': 'user', 'content': 'What is 2 + 3?'}])[0].response_text))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REPLY" in result.stdout
+
+
+def test_torchrun_two_processes(assets, tmp_path):
+    out = tmp_path / "ddp"
+    _, log = run_cli("train", train_args(assets, out), tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert "world size: 2" in log
+    assert len(set(rank_pattern(out).values())) > 1
+    assert all(torch.isfinite(torch.tensor(logged_losses(out))))
+
+
+def test_deepspeed_zero3_single_process(assets, tmp_path):
+    out = tmp_path / "z3"
+    args = train_args(assets, out, deepspeed=os.path.join(DEEPSPEED_DIR, "ds_z3_config.json"), max_steps=3)
+    _, log = run_cli("train", args, tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    assert "Detected DeepSpeed ZeRO-3" in log
+    plain = tmp_path / "plain"
+    run_cli("train", train_args(assets, plain, max_steps=3), tmp_path)
+    # the partitioned calibration (layer-by-layer gathers) gives the same ranks as the plain run
+    assert rank_pattern(out) == rank_pattern(plain)
+    assert logged_losses(out)[0] == pytest.approx(logged_losses(plain)[0], rel=1e-4)
+
+
+def test_deepspeed_zero2_single_process(assets, tmp_path):
+    out = tmp_path / "z2"
+    args = train_args(assets, out, deepspeed=os.path.join(DEEPSPEED_DIR, "ds_z2_config.json"), max_steps=2)
+    run_cli("train", args, tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    assert len(logged_losses(out)) == 2
+
+
+def test_stock_lora_still_trains(assets, tmp_path):
+    out = tmp_path / "lora"
+    args = train_args(assets, out, max_steps=2)
+    for key in ALL_TECHNIQUES:
+        args.pop(key)
+    args.update(finetuning_type="lora", lora_rank=4, lora_target="all")
+    run_cli("train", args, tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_bad_value_fails_before_loading_the_model(assets, tmp_path):
+    args = train_args(assets, tmp_path / "bad", rank_budget=3, min_rank=2)
+    args["model_name_or_path"] = assets["model"]
+    build_two_layer = build_tiny_assets(str(tmp_path / "two"), num_layers=2)
+    args["model_name_or_path"] = build_two_layer["model"]
+    code, log = run_cli("train", args, tmp_path, check=False)
+    assert code != 0
+    assert re.search(r"`rank_budget`=3 cannot be met by 2 layers with `min_rank`=2", log)
+    assert "trainable params" not in log and "Converting format of dataset" not in log
+
+
+def test_bad_key_value_is_rejected_at_parsing(assets, tmp_path):
+    code, log = run_cli("train", train_args(assets, tmp_path / "bad", cola_strategy="nested"), tmp_path, check=False)
+    assert code != 0 and "cola_strategy" in log
