@@ -297,3 +297,18 @@ def install() -> None:
     lf_loader.init_adapter = lf_adapter.init_adapter  # loader imported the name at its import
     _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
     lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data
+
+
+def template_prompt_encoder(tokenizer, template_name: str):
+    """(messages, system) -> prompt token ids, encoded with LLaMA-Factory's chat template ``template_name`` exactly as
+    training encoded prompts (the last assistant turn is the answer and is not part of the prompt)."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name))
+
+    def encode(messages: list[dict], system: Optional[str]) -> list[int]:
+        prompt_ids, _ = template.encode_oneturn(tokenizer, messages, system)
+        return prompt_ids
+
+    return encode

@@ -1,0 +1,129 @@
+"""``aira-moe eval``: the multiple-choice evaluator that replaces the removed ``llamafactory-cli eval``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import build_messages, select_shots
+from .scoring import choice_token_ids, predict_letters
+from .tasks import TASKS, load_task
+
+ADAPTER_TYPES = ("lora", "aira_moe", "oft")
+FINETUNING_TYPES = ADAPTER_TYPES + ("full", "freeze")
+
+
+@dataclass
+class EvalArguments:
+    """The arguments of the old ``llamafactory-cli eval``, plus overwrite/dtype/device."""
+
+    model_name_or_path: str = field(metadata={"help": "Base (or merged) model path."})
+    task: str = field(metadata={"help": f"One of {sorted(TASKS)}."})
+    template: str = field(default="default", metadata={"help": "LLaMA-Factory chat template used to build prompts."})
+    adapter_name_or_path: Optional[str] = field(default=None, metadata={"help": "Adapter path(s), comma-separated."})
+    finetuning_type: str = field(default="lora", metadata={"help": f"One of {FINETUNING_TYPES}."})
+    task_dir: str = field(default="evaluation", metadata={"help": "Directory with the task files."})
+    n_shot: int = field(default=5, metadata={"help": "Number of dev examples shown before each question."})
+    lang: str = field(default="en", metadata={"help": "Prompt language: en or zh."})
+    batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})
+    seed: int = field(default=42, metadata={"help": "Seed of the k-shot example draw."})
+    save_dir: Optional[str] = field(default=None, metadata={"help": "Where results.json is written."})
+    overwrite_save_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.finetuning_type not in FINETUNING_TYPES:
+            raise ValueError(f"`finetuning_type` must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
+        if self.adapter_name_or_path and self.finetuning_type not in ADAPTER_TYPES:
+            raise ValueError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
+        if self.n_shot < 0:
+            raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
+        if self.lang not in ("en", "zh"):
+            raise ValueError(f"`lang` must be 'en' or 'zh', got {self.lang!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
+            raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose another")
+
+
+def load_model_and_tokenizer(args: EvalArguments):
+    """Base model (+ adapters merged in order, as LLaMA-Factory does for inference) and a left-padding tokenizer."""
+    import aira_moe  # noqa: F401  (registers the aira_moe peft type)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    for path in [p.strip() for p in (args.adapter_name_or_path or "").split(",") if p.strip()]:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model.to(device).eval(), tokenizer, device
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'subject':<48} {'n':>6} {'accuracy':>9}"]
+    for name, row in results["per_subject"].items():
+        lines.append(f"{name:<48} {row['num_questions']:>6} {100 * row['accuracy']:>8.2f}%")
+    lines.append(f"{'AVERAGE (' + results['task'] + ')':<48} {results['num_questions']:>6} {100 * results['accuracy']:>8.2f}%")
+    return "\n".join(lines)
+
+
+def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None) -> dict:
+    """Score every question of the task; writes <save_dir>/results.json when save_dir is set. ``model``, ``tokenizer``
+    and ``encode`` (messages, system -> prompt ids) may be given directly (tests)."""
+    from ..integrations.llamafactory import template_prompt_encoder
+
+    args.validate()
+    subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
+    shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}
+    if model is None:
+        model, tokenizer, device = load_model_and_tokenizer(args)
+    encode = encode or template_prompt_encoder(tokenizer, args.template)
+    choice_ids = choice_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    total = sum(len(subject.test) for subject in subjects)
+    per_subject = {}
+    with tqdm(total=total, desc=f"eval {args.task}", unit="q") as progress:
+        for subject in subjects:
+            prompts = []
+            for question in subject.test:
+                system, messages = build_messages(subject, question, shots[subject.name], args.lang)
+                prompts.append(encode(messages, system))
+            predicted = predict_letters(model, prompts, choice_ids, args.batch_size, pad_id, device, progress.update)
+            correct = sum(p == q.answer for p, q in zip(predicted, subject.test))
+            per_subject[subject.name] = {
+                "accuracy": correct / len(subject.test),
+                "num_questions": len(subject.test),
+                "correct": correct,
+            }
+    correct = sum(row["correct"] for row in per_subject.values())
+    results = {
+        "task": args.task,
+        "accuracy": correct / total,
+        "num_questions": total,
+        "correct": correct,
+        "per_subject": per_subject,
+        "seconds": time.perf_counter() - start,
+        "args": asdict(args),
+    }
+    print(format_table(results))
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        with open(os.path.join(args.save_dir, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return results

@@ -1,0 +1,116 @@
+"""Multiple-choice tasks read from a task directory laid out like ``shared/data/eval`` (see docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass
+class Question:
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str  # one of LETTERS
+
+
+@dataclass
+class Subject:
+    name: str  # file-level id, e.g. "professional_law"
+    title: str  # human name used in the prompt, e.g. "professional law"
+    test: list[Question]
+    dev: list[Question]  # k-shot examples (empty when the task ships no dev split)
+
+
+def _read_rows(path: str, encoding: str, header: bool) -> list[Question]:
+    with open(path, newline="", encoding=encoding) as handle:
+        rows = list(csv.reader(handle))
+    if header:
+        names = [name.strip() for name in rows[0]]
+        rows = [dict(zip(names, row)) for row in rows[1:]]
+        items = [(row["question"], tuple(row[letter] for letter in LETTERS), row["answer"]) for row in rows]
+    else:
+        items = [(row[0], tuple(row[1:5]), row[5]) for row in rows]
+    questions = []
+    for text, options, answer in items:
+        answer = answer.strip()
+        if answer not in LETTERS:
+            raise ValueError(f"{path}: answer must be one of A-D, got {answer!r}")
+        questions.append(Question(text, options, answer))
+    return questions
+
+
+def _mapping(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _require(path: str, task: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"task {task!r}: {path} not found; check `task_dir` (layout in docs/evaluation.md)")
+    return path
+
+
+def load_gsm8k(task_dir: str) -> list[Subject]:
+    """gsm8k/test.csv: header id,question,A,B,C,D,answer[,explanation]; cp1252 (a superset of the ASCII the tiny
+    default writes). Optional gsm8k/dev.csv in the same format provides k-shot examples."""
+    root = os.path.join(task_dir, "gsm8k")
+    test = _read_rows(_require(os.path.join(root, "test.csv"), "gsm8k"), "cp1252", header=True)
+    dev_path = os.path.join(root, "dev.csv")
+    dev = _read_rows(dev_path, "cp1252", header=True) if os.path.isfile(dev_path) else []
+    return [Subject("gsm8k", "grade school math", test, dev)]
+
+
+def load_fineval(task_dir: str) -> list[Subject]:
+    """fineval/<subject>.csv (UTF-8 with BOM, header question,A,B,C,D,answer,explanation) + mapping.json names;
+    optional fineval/dev/<subject>.csv for k-shot."""
+    root = os.path.join(task_dir, "fineval")
+    mapping = _mapping(os.path.join(root, "mapping.json"))
+    subjects = []
+    for path in sorted(glob.glob(os.path.join(_require(root, "fineval"), "*.csv"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        dev_path = os.path.join(root, "dev", f"{name}.csv")
+        dev = _read_rows(dev_path, "utf-8-sig", header=True) if os.path.isfile(dev_path) else []
+        title = mapping.get(name, {}).get("name", name.replace("_", " "))
+        subjects.append(Subject(name, title, _read_rows(path, "utf-8-sig", header=True), dev))
+    if not subjects:
+        raise FileNotFoundError(f"task 'fineval': no CSV files in {root}")
+    return subjects
+
+
+def _mmlu_loader(subject_names: tuple[str, ...], task: str):
+    def load(task_dir: str) -> list[Subject]:
+        """mmlu/{test,dev}/<subject>_{test,dev}.csv: no header, 6 columns; dev holds the 5 k-shot examples."""
+        root = os.path.join(task_dir, "mmlu")
+        mapping = _mapping(os.path.join(root, "mapping.json"))
+        subjects = []
+        for name in subject_names:
+            test = _read_rows(_require(os.path.join(root, "test", f"{name}_test.csv"), task), "utf-8", header=False)
+            dev_path = os.path.join(root, "dev", f"{name}_dev.csv")
+            dev = _read_rows(dev_path, "utf-8", header=False) if os.path.isfile(dev_path) else []
+            subjects.append(Subject(name, mapping.get(name, {}).get("name", name.replace("_", " ")), test, dev))
+        return subjects
+
+    return load
+
+
+TASKS = {
+    "gsm8k": load_gsm8k,
+    "fineval": load_fineval,
+    "mmlu_law": _mmlu_loader(("professional_law", "jurisprudence", "international_law"), "mmlu_law"),
+    "mmlu_medicine": _mmlu_loader(
+        ("clinical_knowledge", "college_medicine", "professional_medicine", "medical_genetics", "anatomy"), "mmlu_medicine"
+    ),
+}
+
+
+def load_task(task: str, task_dir: str) -> list[Subject]:
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task](task_dir)

@@ -1,0 +1,141 @@
+"""The multiple-choice evaluator: rigged-model accuracy, k-shot prompt format, task file layouts, CLI."""
+
+import csv
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from aira_moe.evaluation import EvalArguments, evaluate
+from aira_moe.evaluation.prompts import build_messages, format_question, select_shots
+from aira_moe.evaluation.scoring import left_pad
+from aira_moe.evaluation.tasks import Question, Subject, load_task
+
+SHARED_EVAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "eval")
+ANSWERS = ["A", "A", "A", "B", "C", "D", "A", "B"]
+
+
+class LetterTokenizer:
+    """Characters are tokens (ord); A-D map to their code points."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(ch) for ch in text]
+
+
+class RiggedModel(torch.nn.Module):
+    """Always puts the highest next-token logit on 'A', except that a prompt whose last question contains 'pick C'
+    gets 'C'. Any position/padding mistake in the scorer changes which logit row is read."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = torch.zeros(*input_ids.shape, 128)
+        logits[..., ord("A")] = 1.0
+        for row in range(input_ids.shape[0]):
+            text = "".join(chr(i) for i in input_ids[row].tolist() if i)
+            if "pick C" in text.rsplit("Answer:", 2)[-2]:
+                logits[row, -1, ord("C")] = 2.0
+        return SimpleNamespace(logits=logits)
+
+
+def write_gsm8k(task_dir, answers, questions=None):
+    os.makedirs(task_dir / "gsm8k", exist_ok=True)
+    with open(task_dir / "gsm8k" / "test.csv", "w", newline="", encoding="cp1252") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "question", "A", "B", "C", "D", "answer", "explanation"])
+        for i, answer in enumerate(answers):
+            text = (questions or {}).get(i, f"Question {i}?")
+            writer.writerow([i, text, "1", "2", "3", "4", answer, "because"])
+
+
+def simple_encode(messages, system):
+    text = system + "".join(m["content"] + ("\n" if m["role"] == "user" else "\n\n") for m in messages[:-1])
+    return [ord(ch) for ch in text]
+
+
+def test_rigged_model_accuracy_is_exact(tmp_path):
+    # always 'A': 4 of the 8 answers are A
+    write_gsm8k(tmp_path, ANSWERS)
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=0, batch_size=3,
+                         save_dir=str(tmp_path / "out"))
+    results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert results["accuracy"] == 0.5 and results["num_questions"] == 8 and results["correct"] == 4
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["per_subject"]["gsm8k"] == {"accuracy": 0.5, "num_questions": 8, "correct": 4}
+    # 'pick C' on question 4 (answer C) flips one wrong answer to right; on question 0 (answer A) one right to wrong
+    write_gsm8k(tmp_path, ANSWERS, {4: "pick C", 0: "pick C"})
+    args.overwrite_save_dir = True
+    results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert results["correct"] == 4  # +1 (q4) -1 (q0)
+
+
+def test_existing_results_are_not_overwritten_silently(tmp_path):
+    write_gsm8k(tmp_path, ANSWERS)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{}")
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=0,
+                         save_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="already holds results.json"):
+        evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+
+
+def test_k_shot_prompt_is_built_as_documented():
+    dev = [Question(f"dev {i}?", ("a", "b", "c", "d"), "ABCD"[i]) for i in range(4)]
+    subject = Subject("anatomy", "anatomy", [Question("Which bone?", ("x", "y", "z", "w"), "C")], dev)
+    shots = select_shots(subject, 2, seed=42)
+    assert shots == select_shots(subject, 2, seed=42) and len(shots) == 2
+    system, messages = build_messages(subject, subject.test[0], shots, "en")
+    assert system == "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert messages[0]["content"] == f"{shots[0].question}\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    assert messages[1]["content"] == shots[0].answer
+    assert messages[-2]["content"] == "Which bone?\nA. x\nB. y\nC. z\nD. w\nAnswer:"
+    assert messages[-1]["content"] == "C"
+    with pytest.raises(ValueError, match="`n_shot`=5 .* 4 dev examples"):
+        select_shots(subject, 5, seed=0)
+
+
+def test_left_padding_keeps_positions():
+    batch = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_batched_scores_equal_one_at_a_time(tmp_path):
+    """A real (tiny) Llama through the LLaMA-Factory template: batch composition must not change predictions."""
+    pytest.importorskip("llamafactory")
+    from aira_moe.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(str(tmp_path / "tiny"), num_test=24)
+    results = {}
+    for batch_size in (1, 7):
+        args = EvalArguments(model_name_or_path=assets["model"], task="gsm8k", task_dir=assets["task_dir"], n_shot=2,
+                             batch_size=batch_size, device="cpu", template="default")
+        results[batch_size] = evaluate(args)
+    assert results[1]["correct"] == results[7]["correct"] and results[1]["num_questions"] == 24
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EVAL), reason="needs ../shared/data/eval")
+@pytest.mark.parametrize("task,count", [("gsm8k", 1319), ("fineval", 265), ("mmlu_law", 1534 + 108 + 121),
+                                        ("mmlu_medicine", 265 + 173 + 272 + 100 + 135)])
+def test_real_task_files_load(task, count):
+    subjects = load_task(task, SHARED_EVAL)
+    assert sum(len(s.test) for s in subjects) == count
+    if task.startswith("mmlu"):
+        assert all(len(s.dev) == 5 for s in subjects)
+    assert format_question(subjects[0].test[0]).endswith("\nAnswer:")
+
+
+def test_cli_flags_override_yaml(tmp_path):
+    from aira_moe.cli import parse_eval_args
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("model_name_or_path: m\ntask: gsm8k\nn_shot: 5\nbatch_size: 2\n")
+    args = parse_eval_args([str(config), "--n_shot", "0", "--overwrite_save_dir", "true"])
+    assert (args.model_name_or_path, args.n_shot, args.batch_size, args.overwrite_save_dir) == ("m", 0, 2, True)
+    with pytest.raises(SystemExit, match="task"):
+        parse_eval_args(["--model_name_or_path", "m"])
