@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
         if args.shell:
-            print("\n".join(f"TINY_{key.upper()}={value}" for key, value in paths.items()))
+            print("\n".join(f"TINY_{key.upper()}={shlex.quote(value)}" for key, value in paths.items()))
         else:
             print(json.dumps(paths, indent=2))
         return 0

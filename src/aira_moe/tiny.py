@@ -78,15 +78,31 @@ def build_model(output_dir: str, vocab_size: int, hidden_size: int = 64, num_lay
     return model
 
 
-def write_task_files(root: str, items: list[dict], dev_items: list[dict]) -> None:
-    """The evaluator's gsm8k layout: <root>/gsm8k/test.csv (header id,question,A,B,C,D,answer) and dev.csv."""
-    os.makedirs(os.path.join(root, "gsm8k"), exist_ok=True)
-    for name, rows in (("test.csv", items), ("dev.csv", dev_items)):
-        with open(os.path.join(root, "gsm8k", name), "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
+TINY_MMLU_SUBJECTS = ("professional_law", "jurisprudence", "international_law", "clinical_knowledge", "college_medicine",
+                      "professional_medicine", "medical_genetics", "anatomy")
+
+
+def _write_csv(path: str, rows: list[dict], header: bool, encoding: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="", encoding=encoding) as handle:
+        writer = csv.writer(handle)
+        if header:
             writer.writerow(["id", "question", *LETTERS, "answer"])
-            for index, item in enumerate(rows):
-                writer.writerow([index, item["question"], *(item[letter] for letter in LETTERS), item["answer"]])
+        for index, item in enumerate(rows):
+            writer.writerow(([index] if header else []) + [item["question"], *(item[letter] for letter in LETTERS), item["answer"]])
+
+
+def write_task_files(root: str, items: list[dict], dev_items: list[dict]) -> None:
+    """The synthetic items in every layout the evaluator reads (so each recipe's eval block runs on the tiny default):
+    gsm8k/{test,dev}.csv (header), fineval/arithmetic.csv + fineval/dev/arithmetic.csv (UTF-8 BOM, header),
+    mmlu/{test,dev}/<subject>_{test,dev}.csv (no header) for the law and medicine subjects."""
+    _write_csv(os.path.join(root, "gsm8k", "test.csv"), items, True, "utf-8")
+    _write_csv(os.path.join(root, "gsm8k", "dev.csv"), dev_items, True, "utf-8")
+    _write_csv(os.path.join(root, "fineval", "arithmetic.csv"), items, True, "utf-8-sig")
+    _write_csv(os.path.join(root, "fineval", "dev", "arithmetic.csv"), dev_items, True, "utf-8-sig")
+    for subject in TINY_MMLU_SUBJECTS:
+        _write_csv(os.path.join(root, "mmlu", "test", f"{subject}_test.csv"), items, False, "utf-8")
+        _write_csv(os.path.join(root, "mmlu", "dev", f"{subject}_dev.csv"), dev_items, False, "utf-8")
 
 
 def build_tiny_assets(output_dir: str, num_train: int = 256, num_test: int = 64, num_layers: int = 2, seed: int = 0) -> dict:

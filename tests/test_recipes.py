@@ -1,0 +1,129 @@
+"""Recipe scripts, configs, dataset registry and the README/CI commands."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SCRIPTS = os.path.join(REPO, "scripts", "aira_moe")
+RECIPES = ["generality_basic", "generality_standard", "generality_full", "finance", "math", "medicine", "law", "multi-tasking"]
+
+# what the issue fixes per recipe: (key, value) pairs that must be in configs/<recipe>.yaml
+REQUIRED = {
+    "generality_basic": {"num_A": 2, "num_B": 3, "use_activation_aware": None, "use_layer_wise_rank": None},
+    "generality_standard": {"num_A": 2, "num_B": 3, "use_activation_aware": True},
+    "generality_full": {"use_layer_wise_rank": True, "use_awsvd_init": True, "use_activation_aware": True},
+    "finance": {"dataset": "fineval-en", "activation_aware_mode": "outps"},
+    "math": {"dataset": "gsm8k", "lod_threshold_M": 2.5, "awsvd_collect_steps": 150},
+    "medicine": {"dataset": "iCliniq,GenMedGPT-5k", "activation_aware_mode": "outps", "awsvd_collect_steps": 120},
+    "law": {"activation_aware_mode": "inps"},
+    "multi-tasking": {"rank_budget": 256},
+}
+
+
+def load_config(recipe):
+    with open(os.path.join(REPO, "configs", f"{recipe}.yaml"), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def test_nine_executable_scripts():
+    names = sorted(os.listdir(SCRIPTS))
+    assert sorted(f"{r}.sh" for r in RECIPES + ["common"]) == sorted(n for n in names if n.endswith(".sh"))
+    assert "README.md" in names
+    for name in names:
+        if name.endswith(".sh"):
+            assert os.access(os.path.join(SCRIPTS, name), os.X_OK), name
+
+
+@pytest.mark.parametrize("recipe", RECIPES + ["common"])
+def test_scripts_pass_bash_n_and_shellcheck(recipe):
+    path = os.path.join(SCRIPTS, f"{recipe}.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "-x", path], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_script_and_config_agree(recipe):
+    text = open(os.path.join(SCRIPTS, f"{recipe}.sh"), encoding="utf-8").read()
+    assert f"RECIPE={recipe}\n" in text and "set -euo pipefail" in text
+    assert re.search(r"^NPROC_DEFAULT=(\d)$", text, re.M).group(1) == ("4" if recipe == "multi-tasking" else "2")
+    block = text.split("# >>> eval\n", 1)[1].split("# <<< eval", 1)[0]
+    assert block.strip() and all(line.startswith("# ") for line in block.splitlines())
+    config = load_config(recipe)
+    assert config["finetuning_type"] == "aira_moe"
+    for key, value in REQUIRED[recipe].items():
+        assert config.get(key) == value, (key, config.get(key))
+    if config.get("use_layer_wise_rank"):
+        assert 128 <= config["rank_budget"] <= 256 and 2 <= config["min_rank"] <= 4 and 32 <= config["max_rank"] <= 64
+        assert 1.8 <= config["lod_threshold_M"] <= 2.5 and 100 <= config["awsvd_collect_steps"] <= 200
+
+
+def test_datasets_are_registered():
+    with open(os.path.join(REPO, "data", "dataset_info.json"), encoding="utf-8") as handle:
+        registry = json.load(handle)
+    for name in ("gsm8k", "fineval-en", "iCliniq", "GenMedGPT-5k", "lawbench"):
+        assert name in registry
+    for recipe in RECIPES:
+        for dataset in load_config(recipe)["dataset"].split(","):
+            assert dataset in registry, (recipe, dataset)
+    readme = open(os.path.join(REPO, "data", "README.md"), encoding="utf-8").read()
+    for name in registry:
+        assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_configs_parse_with_llamafactory(recipe, tmp_path):
+    pytest.importorskip("llamafactory")
+    from llamafactory.hparams import get_train_args
+
+    args = load_config(recipe)
+    args.update(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True)
+    _, _, training_args, finetuning_args, _ = get_train_args(args)
+    assert finetuning_args.finetuning_type == "aira_moe" and finetuning_args.num_A == 2
+    assert training_args.label_names == ["labels"]
+
+
+def test_dry_run_resolves_env_overrides_from_any_cwd(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "MODEL": "/models/llama", "NPROC_PER_NODE": "8", "OUTPUT_DIR": "/runs/x",
+           "EXTRA": "learning_rate=1e-4 num_train_epochs=1", "DEEPSPEED": "none"}
+    result = subprocess.run([os.path.join(SCRIPTS, "finance.sh"), "max_samples=10"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, check=True)
+    line = next(l for l in result.stdout.splitlines() if "llamafactory-cli train" in l)
+    assert "NPROC_PER_NODE=8" in line and f"{REPO}/configs/finance.yaml" in line
+    for part in ("model_name_or_path=/models/llama", "output_dir=/runs/x", "learning_rate=1e-4", "max_samples=10"):
+        assert part in line
+    assert "deepspeed=" not in line
+
+
+def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
+    pytest.importorskip("llamafactory")
+    text = open(os.path.join(SCRIPTS, "math.sh"), encoding="utf-8").read()
+    head, rest = text.split("# >>> eval\n", 1)
+    block, tail = rest.split("# <<< eval", 1)
+    uncommented = "".join(line[2:] + "\n" for line in block.splitlines())
+    for name in ("common.sh",):
+        shutil.copy(os.path.join(SCRIPTS, name), tmp_path / name)
+    script = tmp_path / "math.sh"
+    script.write_text(head + "# >>> eval\n" + uncommented + "# <<< eval" + tail)
+    script.chmod(0o755)
+    out = tmp_path / "run"
+    env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO}
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "aira_moe_allocation.json").is_file()
+    results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
+    assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
+    command = ci.split("# >>> README test command (keep identical to README.md)\n", 1)[1].split("\n# <<<", 1)[0].strip()
+    assert command and command in readme
