@@ -1,6 +1,7 @@
 """The AiraMoe peft tuner: collaboration math, init, merge, save/load, adapters, config validation."""
 
 import dataclasses
+import os
 import json
 import re
 import subprocess
@@ -285,3 +286,25 @@ def test_forward_has_no_python_loop_over_pairs():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     factor_A, factor_B = layer._factors("default", training=True)
     assert factor_A.shape == (4, 64) and factor_B.shape == (64, 4)
+
+
+def test_startup_hook_registers_with_plain_peft_import(tmp_path, input_ids):
+    """lm-evaluation-harness and other peft users never import aira_moe: the installed .pth hook registers it when
+    peft is imported."""
+    model = wrap(make_tiny_llama(), num_A=2, num_B=3).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+        from peft import PeftModel
+        from conftest import make_tiny_llama
+        assert "aira_moe" in sys.modules
+        model = PeftModel.from_pretrained(make_tiny_llama(), {str(tmp_path / 'adapter')!r})
+        print("TYPE", type(model.base_model).__name__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AIRA_MOE_DISABLE_STARTUP"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TYPE AiraMoeModel" in result.stdout

@@ -1,0 +1,58 @@
+"""Benchmark scripts: --help and a reduced-size run on CPU (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+SHARED_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("script", ["step_time.py", "calibration_time.py", "quality.py"])
+def test_help(script):
+    assert "usage" in run(script, "--help")
+
+
+def test_step_time_reduced(tmp_path):
+    out = tmp_path / "step.json"
+    run("step_time.py", "--size", "reduced", "--layers", "2", "--repeats", "1", "--steps", "1", "--warmup", "0",
+        "--out", str(out))
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"lora", "aira_full_2x3", "aira_heuristic_2x3", "aira_random_2x3", "aira_techniques_2x3"}
+    assert rows["lora"]["ratio_time_vs_lora"] == 1.0
+    # CoLA 2x3 at rank r: r * (2 * in + 3 * out) per module vs LoRA's r * (in + out)
+    assert rows["aira_full_2x3"]["trainable_params"] > 2 * rows["lora"]["trainable_params"]
+
+
+def test_calibration_time_reduced(tmp_path):
+    out = tmp_path / "calib.json"
+    run("calibration_time.py", "--size", "reduced", "--batches", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["modules"] == 56 and set(result["seconds"]) == {"collect", "allocate", "awsvd", "total"}
+
+
+def test_quality_teacher_reduced(tmp_path):
+    out = tmp_path / "quality.json"
+    run("quality.py", "--part", "teacher", "--seeds", "1", "--steps", "3", "--out", str(out))
+    teacher = json.loads(out.read_text())["teacher"]
+    params = {row["params"] for row in teacher.values()}
+    assert len(params) == 1  # every method at the same parameter budget
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TRAIN), reason="needs ../shared/data/train")
+def test_quality_text_reduced(tmp_path):
+    out = tmp_path / "quality.json"
+    run("quality.py", "--part", "text", "--seeds", "1", "--steps", "3", "--warm_steps", "2", "--out", str(out))
+    text = json.loads(out.read_text())["text"]
+    assert set(text) == {"lora", "cola_basic", "aira_full"}
+    assert (tmp_path / "quality_curves.png").is_file()
