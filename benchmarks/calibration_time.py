@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import device_name, write_json  # noqa: E402
 
 from aira_moe import AiraMoeConfig  # noqa: E402
 
@@ -66,16 +68,13 @@ def main(argv=None):
         torch.cuda.synchronize()
     total = time.perf_counter() - start
     result = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "size": args.size, "layers": shape["layers"], "modules": shape["layers"] * len(TARGETS), "batches": args.batches,
         "batch": shape["batch"], "seq": shape["seq"], "solver": args.solver, "rank_budget": report["rank_sum"],
         "seconds": {**report["seconds"], "total": total}, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(result, args.out)
     return result
 
 

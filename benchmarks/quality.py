@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import device_name, write_json  # noqa: E402
 
 import aira_moe  # noqa: E402,F401
 from aira_moe import AiraMoeConfig  # noqa: E402
@@ -261,7 +264,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = list(range(args.seeds))
-    result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": seeds, "steps": args.steps}
+    result = {"device": device_name(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": seeds, "steps": args.steps}
     start = time.perf_counter()
     if args.part in ("teacher", "all"):
         runs = [teacher_student(seed, args.steps) for seed in seeds]
@@ -276,12 +279,9 @@ def main(argv=None):
     if args.part in ("text", "all"):
         result["text"] = text_benchmark(seeds, args.steps, args.data_dir, args.warm_steps)
     result["seconds"] = time.perf_counter() - start
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
-        if "text" in result:
-            plot_curves(result["text"], os.path.splitext(args.out)[0] + "_curves.png")
+    write_json(result, args.out)
+    if args.out and "text" in result:
+        plot_curves(result["text"], os.path.splitext(args.out)[0] + "_curves.png")
     return result
 
 

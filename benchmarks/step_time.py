@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import device_name, write_json  # noqa: E402
 
 import aira_moe  # noqa: E402,F401
 from aira_moe import AiraMoeConfig  # noqa: E402
@@ -133,7 +134,7 @@ def measure(args) -> dict:
             row.update(peak_gib=peaks[name], ratio_mem_vs_lora=peaks[name] / peaks["lora"])
         rows.append(row)
     return {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "size": args.size, "layers": args.layers, "rank": args.rank, "batch": shape["batch"], "seq": shape["seq"],
         "repeats": args.repeats, "steps": args.steps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
@@ -165,10 +166,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = measure(args)
     print(markdown(result))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(result, args.out)
     return result
 
 

@@ -12,18 +12,9 @@ import aira_moe  # noqa: E402,F401  (registers the method with peft)
 
 
 def tiny_llama_config(num_layers: int = 2, hidden: int = 64, vocab: int = 128):
-    from transformers import LlamaConfig
+    from aira_moe.tiny import tiny_llama_config as config
 
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    return config(vocab, hidden, num_layers, max_positions=128)
 
 
 def make_tiny_llama(num_layers: int = 2, seed: int = 0, dtype=torch.float32):

@@ -83,7 +83,6 @@ def test_padding_does_not_change_statistics():
 
 def test_calibration_pass_ignores_padding_in_model():
     """Same real tokens, different padding lengths in the batch: identical statistics."""
-    from aira_moe.tuner.model import AiraMoeModel  # noqa: F401
 
     def stats_for(pad):
         model = get_peft_model(make_tiny_llama(), AiraMoeConfig(target_modules=["q_proj"], use_activation_aware=True))

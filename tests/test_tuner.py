@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import make_tiny_llama
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from aira_moe import AiraMoeConfig
 from aira_moe.tuner.collaboration import heuristic_pairing, pairing_from_indices, random_pairing_indices

@@ -54,25 +54,30 @@ def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 400):
     return fast
 
 
-def build_model(output_dir: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A random LlamaForCausalLM (fp32) saved with save_pretrained."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, max_positions: int = 512):
+    """LlamaConfig of the tiny default: 4 heads, 2 KV heads, MLP width 2 * hidden, untied embeddings."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
+
+
+def build_model(output_dir: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A random LlamaForCausalLM (fp32) saved with save_pretrained; ids 0/1/2 are pad/bos/eos as in the tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size, hidden_size, num_layers)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     model = LlamaForCausalLM(config)
     model.save_pretrained(output_dir)
     return model

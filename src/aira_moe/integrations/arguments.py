@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from ..tuner.config import AiraMoeConfig
@@ -56,6 +56,9 @@ def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool
         raise ValueError(f"`lora_rank` must be an integer >= 1, got {args.lora_rank!r}.")
     targets = list(args.lora_target)
     target_modules: Optional[Union[list[str], str]] = "all-linear" if targets == ["all"] else targets
+    # every AiraMoeArguments field is an AiraMoeConfig field of the same name
+    method_keys = {f.name: getattr(args, f.name) for f in fields(AiraMoeArguments)}
+    method_keys["rank_budget"] = parse_rank_budget(args.rank_budget)
     return AiraMoeConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -63,25 +66,8 @@ def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool
         target_modules=target_modules,
         modules_to_save=list(args.additional_target) if args.additional_target else None,
         use_rslora=args.use_rslora,
-        num_A=args.num_A,
-        num_B=args.num_B,
-        cola_strategy=args.cola_strategy,
-        cola_seed=args.cola_seed,
-        use_layer_wise_rank=args.use_layer_wise_rank,
-        theta_type=args.theta_type,
-        lod_threshold_M=args.lod_threshold_M,
-        rank_budget=parse_rank_budget(args.rank_budget),
-        min_rank=args.min_rank,
-        max_rank=args.max_rank,
-        objective_function=args.objective_function,
-        use_awsvd_init=args.use_awsvd_init,
-        awsvd_collect_steps=args.awsvd_collect_steps,
-        awsvd_solver=args.awsvd_solver,
-        awsvd_split=args.awsvd_split,
-        use_activation_aware=args.use_activation_aware,
-        activation_aware_mode=args.activation_aware_mode,
-        activation_normalize=args.activation_normalize,
         inference_mode=inference_mode,
         init_weights=init_weights,
         task_type="CAUSAL_LM",
+        **method_keys,
     )
