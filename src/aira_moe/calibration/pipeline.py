@@ -53,14 +53,16 @@ def collect_for_model(
     layers = tuner.aira_moe_layers(adapter_name)
     need_outputs = config.use_activation_aware and config.activation_aware_mode == "outps"
     base_modules = {name: layer.get_base_layer() for name, layer in layers.items()}
-    previously_disabled = next(iter(layers.values())).disable_adapters
-    tuner._set_adapter_layers(enabled=False)
+    previously_disabled = {name: layer.disable_adapters for name, layer in layers.items()}
+    for layer in layers.values():  # BaseTunerLayer.enable_adapters: public in every supported peft
+        layer.enable_adapters(False)
     try:
         return run_calibration_pass(
             tuner.model, base_modules, loader, need_outputs=need_outputs, max_batches=max_batches, max_samples=max_samples
         )
     finally:
-        tuner._set_adapter_layers(enabled=not previously_disabled)
+        for name, layer in layers.items():
+            layer.enable_adapters(not previously_disabled[name])
 
 
 def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str) -> dict[str, float]:
