@@ -156,6 +156,19 @@ def load_text_data(data_dir: str, vocab: int, seq: int):
     return len(tokenizer), chunks(warm), target_chunks[:split], target_chunks[split:]
 
 
+LAYER_WISE = dict(use_layer_wise_rank=True, rank_budget="auto", min_rank=1, max_rank=8)
+AWSVD = dict(use_awsvd_init=True)
+WEIGHTING = dict(use_activation_aware=True, activation_aware_mode="inps")
+# aira_moe variants of part 'text' (all CoLA 2x3, r=4): the full method, and one technique at a time (part 'ablation')
+TEXT_TECHNIQUES = {
+    "cola_basic": {},
+    "aira_full": {**LAYER_WISE, **AWSVD, **WEIGHTING},
+    "cola_layer_wise": LAYER_WISE,
+    "cola_awsvd": AWSVD,
+    "cola_weighting": WEIGHTING,
+}
+
+
 def text_run(method: str, seed: int, warm_state, vocab, train, held_out, steps, batch, hidden, layers, log_every):
     from peft import LoraConfig, get_peft_model
 
@@ -164,16 +177,14 @@ def text_run(method: str, seed: int, warm_state, vocab, train, held_out, steps, 
     if method == "lora":
         config = LoraConfig(r=10, lora_alpha=20, target_modules=TARGETS)
     else:
-        extra = {} if method == "cola_basic" else dict(
-            use_layer_wise_rank=True, rank_budget="auto", min_rank=1, max_rank=8, use_awsvd_init=True,
-            use_activation_aware=True, activation_aware_mode="inps", awsvd_collect_steps=8)
-        config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, target_modules=TARGETS, **extra)
+        config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, target_modules=TARGETS, awsvd_collect_steps=8,
+                               **TEXT_TECHNIQUES[method])
     torch.manual_seed(seed)
     model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=gen)
     batches = [train[order[(i * batch) % len(train):][:batch]] for i in range(steps)]
-    if method == "aira_full":
+    if getattr(config, "needs_calibration", False):
         model.calibrate([{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches[:8]])
     optimizer = torch.optim.AdamW(trainable(model), lr=2e-3)
     curve, held = [], []
@@ -199,7 +210,7 @@ def text_run(method: str, seed: int, warm_state, vocab, train, held_out, steps, 
             "curve": curve, "held_out_curve": held}
 
 
-def text_benchmark(seeds, steps, data_dir, warm_steps, batch=16, seq=128, hidden=128, layers=4, vocab=2000):
+def text_benchmark(seeds, steps, data_dir, warm_steps, methods=("lora", "cola_basic", "aira_full"), batch=16, seq=128, hidden=128, layers=4, vocab=2000):
     vocab, warm, train, held_out = load_text_data(data_dir, vocab, seq)
     held_out = held_out[: 8 * batch]
     model = tiny_llama(hidden, layers, vocab, 0)
@@ -213,7 +224,7 @@ def text_benchmark(seeds, steps, data_dir, warm_steps, batch=16, seq=128, hidden
         optimizer.zero_grad()
     warm_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results = {}
-    for method in ("lora", "cola_basic", "aira_full"):
+    for method in methods:
         runs = [text_run(method, s, warm_state, vocab, train, held_out, steps, batch, hidden, layers, max(1, steps // 6)) for s in seeds]
         results[method] = {
             "final_train_loss": summary([r["final_train_loss"] for r in runs]),
@@ -255,7 +266,8 @@ def plot_curves(results: dict, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["teacher", "text", "all"], default="all")
+    parser.add_argument("--part", choices=["teacher", "text", "ablation", "all"], default="all",
+                        help="ablation: part text with CoLA + one technique at a time")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--warm_steps", type=int, default=400, help="LM warm-up steps (part text)")
@@ -278,6 +290,9 @@ def main(argv=None):
                   f"params {row['params']:,}, ranks {row['layer_ranks'][0]}", flush=True)
     if args.part in ("text", "all"):
         result["text"] = text_benchmark(seeds, args.steps, args.data_dir, args.warm_steps)
+    if args.part == "ablation":
+        result["text"] = text_benchmark(seeds, args.steps, args.data_dir, args.warm_steps,
+                                        methods=("cola_basic", "cola_layer_wise", "cola_awsvd", "cola_weighting", "aira_full"))
     result["seconds"] = time.perf_counter() - start
     write_json(result, args.out)
     if args.out and "text" in result:

@@ -219,3 +219,8 @@ def test_bad_value_fails_before_loading_the_model(assets, tmp_path):
 def test_bad_key_value_is_rejected_at_parsing(assets, tmp_path):
     code, log = run_cli("train", train_args(assets, tmp_path / "bad", cola_strategy="nested"), tmp_path, check=False)
     assert code != 0 and "cola_strategy" in log
+
+
+def test_unknown_key_is_still_rejected(assets, tmp_path):
+    code, log = run_cli("train", train_args(assets, tmp_path / "bad", num_C=3), tmp_path, check=False)
+    assert code != 0 and "num_C" in log
