@@ -206,10 +206,8 @@ def test_stock_lora_still_trains(assets, tmp_path):
 
 
 def test_bad_value_fails_before_loading_the_model(assets, tmp_path):
-    args = train_args(assets, tmp_path / "bad", rank_budget=3, min_rank=2)
-    args["model_name_or_path"] = assets["model"]
-    build_two_layer = build_tiny_assets(str(tmp_path / "two"), num_layers=2)
-    args["model_name_or_path"] = build_two_layer["model"]
+    two_layers = build_tiny_assets(str(tmp_path / "two"), num_layers=2)
+    args = train_args(assets, tmp_path / "bad", rank_budget=3, min_rank=2, model_name_or_path=two_layers["model"])
     code, log = run_cli("train", args, tmp_path, check=False)
     assert code != 0
     assert re.search(r"`rank_budget`=3 cannot be met by 2 layers with `min_rank`=2", log)

@@ -96,7 +96,6 @@ def test_merge_unmerge_and_unload(name, kwargs, input_ids):
     peft_model = wrap(model, **kwargs).eval()
     with torch.no_grad():
         unmerged = peft_model(input_ids).logits
-        base_out = peft_model.base_model.model.model.embed_tokens(input_ids)  # sanity: base untouched
         assert not torch.allclose(unmerged, make_tiny_llama()(input_ids).logits, atol=1e-4)  # adapter is non-zero
         peft_model.merge_adapter()
         merged = peft_model(input_ids).logits
@@ -109,7 +108,6 @@ def test_merge_unmerge_and_unload(name, kwargs, input_ids):
         merged_model = peft_model.merge_and_unload()
         assert not any(isinstance(m, AiraMoeLayer) for m in merged_model.modules())
         assert torch.allclose(merged_model(input_ids).logits, unmerged, atol=1e-5)
-    assert base_out is not None
 
 
 @pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
