@@ -8,7 +8,9 @@ import json
 import os
 import random
 
-LETTERS = "ABCD"
+from .evaluation.prompts import format_question
+from .evaluation.tasks import LETTERS, Question
+
 TINY_DATASET = "tiny_arith"
 
 
@@ -31,7 +33,8 @@ def arithmetic_items(count: int, seed: int) -> list[dict]:
 
 
 def mc_prompt(item: dict) -> str:
-    return item["question"] + "".join(f"\n{letter}. {item[letter]}" for letter in LETTERS) + "\nAnswer:"
+    """The evaluator's question format, so training prompts match what ``aira-moe eval`` scores."""
+    return format_question(Question(item["question"], tuple(item[letter] for letter in LETTERS), item["answer"]))
 
 
 def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 400):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .._logging import get_logger
 import re
 import time
 import zlib
@@ -11,6 +10,7 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .._logging import get_logger
 from .._zero import gathered
 from .allocation import allocate_ranks, check_budget, resolve_budget
 from .awsvd import awsvd_factors

@@ -17,11 +17,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from .._logging import get_logger
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .._logging import get_logger
 from .arguments import AiraMoeArguments, parse_rank_budget, peft_config_from_args
 
 logger = get_logger()
