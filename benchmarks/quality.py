@@ -1,24 +1,31 @@
-"""Method quality on CPU, no downloads, mean +- std over seeds.
+"""Method quality at equal trainable parameters, with the learning rate tuned per method, on CPU, no downloads.
 
-Part ``teacher`` (synthetic): a random tiny Llama in which two layers carry activation outliers (large RMSNorm gains on
-a few channels, as in real LLMs); the teacher adds a low-rank perturbation to exactly those layers. Students start from
-the base and fit the teacher's logits (KL) with the same number of trainable parameters: peft LoRA at uniform rank,
-aira_moe at uniform rank, and aira_moe with layer-wise allocation (LOD importance). It checks the mechanism: when the
-layers that need the update are the outlier layers, allocation by LOD should put the rank there.
+Part ``compare`` (the main benchmark): the pretrained-like testbed of ``testbed.py`` (two bases: ``pretrained`` and
+``outliers``, the same network with LLM-like outlier channels planted) is fine-tuned on three tasks from
+../shared/data/train (medicine = GenMedGPT-5k, math = GSM8K, finance = FinEval-en) with every method at exactly the
+same number of trainable parameters: LoRA r=10 and CoLA 2x3 r=4 (81,920 each), alone and with each technique.
+  1. Learning rate, per (base, task, method), on the *val* split: a grid (default 1e-3, 3e-3, 1e-2), seed 0; when
+     the best rate is on the grid's edge the grid is extended (up to twice) along the 1-3-10 ladder in that direction.
+  2. The chosen rate is then run with seeds 1 .. N-1 as well; the *test* split (never used for a choice) is reported
+     as mean +- std over the N seeds, and as the paired difference to LoRA and to CoLA-basic over the same seeds.
+Runs go to a JSONL cache (``--cache``): a rerun reuses every finished run with the same settings.
 
-Part ``text`` (real text): a tiny Llama is warmed up as a language model on GSM8K text, then fine-tuned on GenMedGPT-5k
-dialogues with LoRA, CoLA-basic (num_A=2, num_B=3) and aira_moe-full (all techniques) at (near-)equal trainable
-parameters; final training loss and held-out loss are reported. Reads ../shared/data/train (benchmarks only).
+Part ``teacher`` (synthetic mechanism check of layer-wise allocation): a random tiny Llama with activation outliers in
+two layers, a teacher that perturbs exactly those layers, students at the same budget; held-out KL to the teacher.
 
-    python benchmarks/quality.py --part all --seeds 3 --out benchmarks/results/quality_cpu.json
-    python benchmarks/quality.py --part teacher --seeds 1 --steps 20     # reduced (what the tests run)
+    python benchmarks/quality.py --part compare --out benchmarks/results/quality_cpu.json     # ~42 min on 2 cores (+7 min testbed build)
+    python benchmarks/quality.py --part compare --screen --methods cola_weighting \\
+        --extra "w_mean:use_activation_aware=true,activation_normalize=mean"   # val only, for choosing defaults
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -36,8 +43,291 @@ import aira_moe  # noqa: E402,F401
 from aira_moe import AiraMoeConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
+# ------------------------------------------------------------------------------------------------------ methods
+# LoRA r=10 and CoLA 2x3 r=4 have exactly the same trainable parameters on the testbed (hidden 128, MLP 256, 2 KV
+# heads): 10 * (in + out) = 4 * (2 * in + 3 * out) summed over the 7 projections. alpha = 2 * r for both (LLaMA-Factory's
+# default). Technique keys left out take the product's defaults (AiraMoeConfig).
+LORA = dict(r=10, lora_alpha=20)
+COLA = dict(r=4, lora_alpha=8, num_A=2, num_B=3, cola_strategy="full")
+LAYER_WISE = dict(use_layer_wise_rank=True, rank_budget="auto", min_rank=1, max_rank=8)
+AWSVD = dict(use_awsvd_init=True)
+WEIGHTING = dict(use_activation_aware=True)
+# the seed's literal formulas (kept available under these values): PiSSA-style residual AwSVD with the singular values
+# in B, min-max weighting, LOD against 2 x the mean, lora_alpha / r_l per layer
+LITERAL = dict(awsvd_mode="residual", awsvd_split="reference", activation_normalize="minmax", lod_reference="mean",
+               lod_threshold_M=2.0, layer_scaling="rank")
+# CoLA with one A and one B expert at LoRA's rank: the same parameters as LoRA r=10, every parameter non-redundant
+ONE_BY_ONE = dict(r=10, lora_alpha=20, num_A=1, num_B=1)
+METHODS = {
+    "lora": None,
+    "cola_basic": {},
+    "cola_layer_wise": LAYER_WISE,
+    "cola_awsvd": AWSVD,
+    "cola_weighting": WEIGHTING,
+    "aira_full": {**LAYER_WISE, **AWSVD, **WEIGHTING},
+    "aira_full_literal": {**LAYER_WISE, **AWSVD, **WEIGHTING, **LITERAL},
+    "aira_full_1x1": {**ONE_BY_ONE, **LAYER_WISE, "max_rank": 20, **AWSVD, **WEIGHTING},
+}
+
+
+def parse_extra(spec: str) -> tuple[str, dict]:
+    """'name:key=value,key=value' -> (name, CoLA kwargs); values are parsed as JSON when they can be. With
+    ``peft_type=LORA`` the keys are LoraConfig's (over LoRA r=10)."""
+    name, _, body = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def peft_config(overrides):
+    from peft import LoraConfig
+
+    if overrides is None or overrides.get("peft_type") == "LORA":
+        lora = {k: v for k, v in (overrides or {}).items() if k != "peft_type"}
+        return LoraConfig(**{**LORA, **lora}, target_modules=TARGETS)
+    return AiraMoeConfig(**{**COLA, "target_modules": TARGETS, "awsvd_collect_steps": 8, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+
+def held_out_loss(model, chunks: torch.Tensor, batch: int = 32) -> float:
+    """Mean token NLL over ``chunks`` (every token, as in pretraining)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in chunks.split(batch):
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            tokens += ids[:, 1:].numel()
+    model.train()
+    return total / tokens
+
+
+def run_one(job: dict) -> dict:
+    """Fine-tune one (base, task, method, lr, seed); returns val and test loss. LLaMA-Factory-like optimisation:
+    AdamW without weight decay, 10 % linear warm-up then cosine decay, gradient clipping at 1.0."""
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(job["threads"])
+    tokens = torch.load(job["tokens"])
+    train, val, test = (tokens[f"{job['task']}/{share}"] for share in ("train", "val", "test"))
+    base = LlamaForCausalLM.from_pretrained(job["base_dir"]).float()
+    torch.manual_seed(job["seed"])
+    model = get_peft_model(base, peft_config(job["overrides"]))
+    gen = torch.Generator().manual_seed(job["seed"])
+    order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(job["steps"] * job["batch"] // len(train) + 1)])
+    batches = [train[order[i * job["batch"]:(i + 1) * job["batch"]]] for i in range(job["steps"])]
+    start = time.perf_counter()
+    if getattr(model.peft_config["default"], "needs_calibration", False):
+        model.calibrate([{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches[:8]])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
+    warmup = max(1, job["steps"] // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (job["steps"] - warmup))))
+    model.train()
+    curve = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+    result = {
+        "val_loss": held_out_loss(model, val[: job["eval_chunks"]]),
+        "test_loss": held_out_loss(model, test[: job["eval_chunks"]]),
+        "final_train_loss": statistics.mean(curve[-max(1, len(curve) // 10):]),
+        "diverged": not math.isfinite(curve[-1]),
+        "params": sum(p.numel() for p in params),
+        "seconds": time.perf_counter() - start,
+        "curve": [round(v, 4) for v in curve],
+    }
+    ranks = getattr(model.peft_config["default"], "rank_pattern", None) or {}
+    if ranks:
+        result["layer_ranks"] = [ranks.get(f"model.layers.{i}.self_attn.q_proj") for i in range(len(base.model.layers))]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ protocol
+
+def job_key(job: dict) -> str:
+    fields = {k: v for k, v in job.items() if k not in ("threads", "tokens", "base_dir")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs jobs on a process pool (one torch thread each) and caches finished runs in a JSONL file."""
+
+    def __init__(self, cache_path: str, workers: int):
+        self.cache_path = cache_path
+        self.workers = workers
+        self.done: dict[str, dict] = {}
+        if cache_path and os.path.isfile(cache_path):
+            with open(cache_path, encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line)
+                    self.done[row["key"]] = row
+
+    def run(self, jobs: list[dict]) -> list[dict]:
+        pending = {job_key(job): job for job in jobs if job_key(job) not in self.done}
+        if pending:
+            print(f"  running {len(pending)} fine-tuning runs ({len(jobs) - len(pending)} cached)", flush=True)
+            context = multiprocessing.get_context("spawn")
+            with futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+                running = {pool.submit(run_one, job): key for key, job in pending.items()}
+                for finished in futures.as_completed(running):
+                    key = running[finished]
+                    job = pending[key]
+                    if finished.exception() is not None:  # stop at once: do not wait for the queued runs
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise RuntimeError(f"run {job['base']}/{job['task']}/{job['method']} lr={job['lr']:g} "
+                                           f"seed={job['seed']} failed") from finished.exception()
+                    row = {"key": key, **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")},
+                           **finished.result()}
+                    self.done[key] = row
+                    print(f"    {job['base']}/{job['task']}/{job['method']} lr={job['lr']:g} seed={job['seed']}: "
+                          f"val {row['val_loss']:.4f} test {row['test_loss']:.4f} ({row['seconds']:.0f} s)", flush=True)
+                    if self.cache_path:
+                        os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+                        with open(self.cache_path, "a", encoding="utf-8") as handle:
+                            handle.write(json.dumps(row) + "\n")
+        return [self.done[job_key(job)] for job in jobs]
+
+
+def lr_grid_step(lr: float, direction: int) -> float:
+    """The next rate on the 1-3-10 ladder (1e-3 -> 3e-3 -> 1e-2 ...), up (+1) or down (-1)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    ladder = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    position = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / lr)))
+    return float(f"{ladder[position + direction]:.3g}")
+
+
+def choose_lrs(runner: Runner, make_job, cells: list, grid: list[float], extensions: int = 2) -> dict:
+    """Per cell: seed 0 over ``grid`` on the val split, extending past an edge that wins (up to ``extensions`` times).
+    All cells' runs of a round go to the pool together. Returns {cell: (best lr, {lr: val loss})}."""
+    scores = {cell: {} for cell in cells}
+    todo = {cell: sorted(grid) for cell in cells}
+    for _ in range(extensions + 1):
+        jobs = [(cell, make_job(cell, lr, 0)) for cell, lrs in todo.items() for lr in lrs]
+        for (cell, _), row in zip(jobs, runner.run([job for _, job in jobs])):
+            ok = not row["diverged"] and math.isfinite(row["val_loss"])
+            scores[cell][row["lr"]] = row["val_loss"] if ok else math.inf
+        todo = {}
+        for cell, by_lr in scores.items():
+            best, lrs = min(by_lr, key=by_lr.get), sorted(by_lr)
+            if len(lrs) > 1 and best in (lrs[0], lrs[-1]):
+                step = lr_grid_step(best, -1 if best == lrs[0] else +1)
+                if step not in by_lr:
+                    todo[cell] = [step]
+        if not todo:
+            break
+    return {cell: (min(by_lr, key=by_lr.get), by_lr) for cell, by_lr in scores.items()}
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
+
+
+def compare(args, manifest: dict, methods: dict) -> dict:
+    from transformers import LlamaForCausalLM
+
+    runner = Runner(args.cache, args.workers)
+
+    def make_job(cell, lr, seed):
+        base, task, method = cell
+        return {"base": base, "task": task, "method": method, "overrides": methods[method], "lr": lr, "seed": seed,
+                "steps": args.steps, "batch": args.batch, "eval_chunks": args.eval_chunks,
+                "testbed": os.path.basename(manifest["dir"]), "threads": 1, "version": args.tag,
+                "tokens": manifest["tokens"], "base_dir": manifest["bases"][base]}
+
+    cells = [(base, task, method) for base in args.bases for task in args.tasks for method in methods]
+    chosen = choose_lrs(runner, make_job, cells, args.lrs)
+    seeded = {}
+    if args.seeds > 1 or not args.screen:
+        jobs = [(cell, make_job(cell, chosen[cell][0], seed)) for cell in cells for seed in range(args.seeds)]
+        for (cell, _), row in zip(jobs, runner.run([job for _, job in jobs])):
+            seeded.setdefault(cell, []).append(row)
+
+    results = {}
+    tokens = torch.load(manifest["tokens"])
+    for base in args.bases:
+        model = LlamaForCausalLM.from_pretrained(manifest["bases"][base]).float()
+        results[base] = {"_no_finetuning": {
+            task: {share: held_out_loss(model, tokens[f"{task}/{share}"][: args.eval_chunks]) for share in ("val", "test")}
+            for task in args.tasks}}
+        for task in args.tasks:
+            cell_rows = {}
+            for method in methods:
+                best, scores = chosen[(base, task, method)]
+                row = {"overrides": methods[method], "lr": best,
+                       "val_by_lr": {f"{k:g}": v for k, v in sorted(scores.items())}, "val_loss": {"mean": scores[best]}}
+                runs = seeded.get((base, task, method))
+                if runs:
+                    row.update(test_loss=summary([r["test_loss"] for r in runs]),
+                               val_loss=summary([r["val_loss"] for r in runs]),
+                               params=runs[0]["params"], layer_ranks=runs[0].get("layer_ranks"))
+                cell_rows[method] = row
+            metric = "val_loss" if args.screen else "test_loss"
+            if not args.screen:
+                params = {row["params"] for row in cell_rows.values()}
+                if len(params) != 1:
+                    raise RuntimeError(f"methods differ in trainable parameters on {base}/{task}: {params}")
+            for reference in ("lora", "cola_basic"):
+                if reference not in cell_rows or "runs" not in cell_rows[reference][metric]:
+                    continue
+                for method, row in cell_rows.items():
+                    if method != reference:
+                        diffs = [a - b for a, b in zip(row[metric]["runs"], cell_rows[reference][metric]["runs"])]
+                        row[f"paired_diff_vs_{reference}"] = summary(diffs)
+            results[base][task] = cell_rows
+    return results
+
+
+def markdown(results: dict, screen: bool) -> str:
+    lines = []
+    for base, tasks in results.items():
+        reference = tasks.pop("_no_finetuning", {})
+        methods = list(next(iter(tasks.values())))
+        if reference:
+            lines += [f"**{base}** before fine-tuning: " + ", ".join(
+                f"{task} val {v['val']:.4f} / test {v['test']:.4f}" for task, v in reference.items()), ""]
+        metric = "val_loss" if screen else "test_loss"
+        if screen and "std" not in next(iter(tasks.values()))[methods[0]]["val_loss"]:
+            lines += [f"**{base}** (val loss at the best lr; lr)", "",
+                      "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+            for method in methods:
+                lines.append(f"| {method} | " + " | ".join(
+                    f"{tasks[t][method]['val_loss']['mean']:.4f} ({tasks[t][method]['lr']:g})" for t in tasks) + " |")
+        else:
+            name = "val" if screen else "test"
+            lines += [f"**{base}**: {name} loss, mean ± std over seeds; Δ = paired difference (method − reference), "
+                      "mean ± std; lr chosen on val", "",
+                      "| method | " + " | ".join(f"{t} {name} | {t} Δ vs LoRA | {t} Δ vs CoLA" for t in tasks) + " |",
+                      "|---|" + "---|---|---|" * len(tasks)]
+            for method in methods:
+                cells = []
+                for task in tasks:
+                    row = tasks[task][method]
+                    cells.append(f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f} (lr {row['lr']:g})")
+                    for reference in ("lora", "cola_basic"):
+                        diff = row.get(f"paired_diff_vs_{reference}")
+                        cells.append("–" if diff is None else f"{diff['mean']:+.4f} ± {diff['std']:.4f}")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- teacher
 
 def tiny_llama(hidden, layers, vocab, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,20 +337,6 @@ def tiny_llama(hidden, layers, vocab, seed):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def count(model):
-    return sum(p.numel() for p in trainable(model))
-
-
-def summary(values):
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
-
-
-# ----------------------------------------------------------------------------------------------------------- teacher
 
 def teacher_student(seed: int, steps: int, layers: int = 6, hidden: int = 64, vocab: int = 128, rank: int = 4):
     from peft import LoraConfig, get_peft_model
@@ -97,7 +373,7 @@ def teacher_student(seed: int, steps: int, layers: int = 6, hidden: int = 64, vo
         if calibrate:
             model.calibrate(calib)
         torch.manual_seed(seed)
-        optimizer = torch.optim.Adam(trainable(model), lr=5e-3)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
         model.train()
         for step in range(steps):
             logits = model(data[step]).logits
@@ -113,190 +389,86 @@ def teacher_student(seed: int, steps: int, layers: int = 6, hidden: int = 64, vo
             )
         ranks = getattr(model.peft_config["default"], "rank_pattern", {}) or {}
         per_layer = [ranks.get(f"model.layers.{i}.self_attn.q_proj", rank) for i in range(layers)]
-        return {"held_out_kl": kl, "params": count(model), "layer_ranks": per_layer}
+        return {"held_out_kl": kl, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "layer_ranks": per_layer}
 
     common = dict(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
     results = {
         "lora_uniform": fit(LoraConfig(**common), False),
         "aira_uniform": fit(AiraMoeConfig(**common), False),
     }
-    # same budget, allocation by importance: LOD at the reference threshold M=2, at M=5, and mean |activation|
-    for label, theta in (("aira_lod_M2", dict(theta_type="lod", lod_threshold_M=2.0)),
-                         ("aira_lod_M5", dict(theta_type="lod", lod_threshold_M=5.0)),
+    allocation = dict(use_layer_wise_rank=True, rank_budget="auto", min_rank=1, max_rank=16, objective_function="log")
+    for label, theta in (("aira_lod_mean_M2 (literal)", dict(theta_type="lod", lod_reference="mean", lod_threshold_M=2.0)),
+                         ("aira_lod_default", dict(theta_type="lod")),
                          ("aira_act", dict(theta_type="act"))):
-        results[label] = fit(AiraMoeConfig(**common, use_layer_wise_rank=True, rank_budget="auto", min_rank=1,
-                                           max_rank=16, objective_function="log", **theta), True)
+        results[label] = fit(AiraMoeConfig(**common, **allocation, **theta), True)
     return results
 
 
-# -------------------------------------------------------------------------------------------------------------- text
-
-def load_text_data(data_dir: str, vocab: int, seq: int):
-    from aira_moe.tiny import build_tokenizer
-
-    def rows(name):
-        path = os.path.join(data_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: part 'text' reads ../shared/data/train (use --data_dir)")
-        with open(path, encoding="utf-8") as handle:
-            return [" ".join(filter(None, (r.get("instruction"), r.get("input"), r.get("output")))) for r in json.load(handle)]
-
-    warm, target = rows("gsm8k_train.json"), rows("GenMedGPT-5k.json")
-    tokenizer = build_tokenizer(warm[:3000] + target[:3000], os.path.join(os.environ.get("TMPDIR", "/tmp"), "aira_quality_tok"), vocab)
-
-    def chunks(texts):
-        ids = []
-        for text in texts:
-            ids.extend(tokenizer.encode(text) + [tokenizer.eos_token_id])
-        usable = len(ids) // seq * seq
-        return torch.tensor(ids[:usable]).view(-1, seq)
-
-    target_chunks = chunks(target)
-    split = int(0.9 * len(target_chunks))
-    return len(tokenizer), chunks(warm), target_chunks[:split], target_chunks[split:]
+def teacher_part(seeds: list[int], steps: int) -> dict:
+    runs = [teacher_student(seed, steps) for seed in seeds]
+    result = {
+        method: {"held_out_kl": summary([r[method]["held_out_kl"] for r in runs]), "params": runs[0][method]["params"],
+                 "layer_ranks": [r[method]["layer_ranks"] for r in runs]}
+        for method in runs[0]
+    }
+    for method, row in result.items():
+        print(f"teacher {method}: KL {row['held_out_kl']['mean']:.4f} +- {row['held_out_kl']['std']:.4f}, "
+              f"params {row['params']:,}, ranks {row['layer_ranks'][0]}", flush=True)
+    return result
 
 
-LAYER_WISE = dict(use_layer_wise_rank=True, rank_budget="auto", min_rank=1, max_rank=8)
-AWSVD = dict(use_awsvd_init=True)
-WEIGHTING = dict(use_activation_aware=True, activation_aware_mode="inps")
-# aira_moe variants of part 'text' (all CoLA 2x3, r=4): the full method, and one technique at a time (part 'ablation')
-TEXT_TECHNIQUES = {
-    "cola_basic": {},
-    "aira_full": {**LAYER_WISE, **AWSVD, **WEIGHTING},
-    "cola_layer_wise": LAYER_WISE,
-    "cola_awsvd": AWSVD,
-    "cola_weighting": WEIGHTING,
-}
-
-
-def text_run(method: str, seed: int, warm_state, vocab, train, held_out, steps, batch, hidden, layers, log_every):
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_llama(hidden, layers, vocab, 0)
-    model.load_state_dict(warm_state)
-    if method == "lora":
-        config = LoraConfig(r=10, lora_alpha=20, target_modules=TARGETS)
-    else:
-        config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, target_modules=TARGETS, awsvd_collect_steps=8,
-                               **TEXT_TECHNIQUES[method])
-    torch.manual_seed(seed)
-    model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=gen)
-    batches = [train[order[(i * batch) % len(train):][:batch]] for i in range(steps)]
-    if getattr(config, "needs_calibration", False):
-        model.calibrate([{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches[:8]])
-    optimizer = torch.optim.AdamW(trainable(model), lr=2e-3)
-    curve, held = [], []
-
-    def held_out_loss():
-        model.eval()
-        with torch.no_grad():
-            value = statistics.mean(model(input_ids=b, labels=b).loss.item() for b in held_out.split(batch))
-        model.train()
-        return value
-
-    model.train()
-    for step, ids in enumerate(batches):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        curve.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            held.append((step + 1, held_out_loss()))
-    tail = curve[-max(1, steps // 10):]
-    return {"final_train_loss": statistics.mean(tail), "held_out_loss": held[-1][1], "params": count(model),
-            "curve": curve, "held_out_curve": held}
-
-
-def text_benchmark(seeds, steps, data_dir, warm_steps, methods=("lora", "cola_basic", "aira_full"), batch=16, seq=128, hidden=128, layers=4, vocab=2000):
-    vocab, warm, train, held_out = load_text_data(data_dir, vocab, seq)
-    held_out = held_out[: 8 * batch]
-    model = tiny_llama(hidden, layers, vocab, 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(warm_steps):  # language-model warm-up on GSM8K text (full fine-tuning)
-        ids = warm[torch.randint(0, len(warm), (batch,), generator=gen)]
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    warm_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    results = {}
-    for method in methods:
-        runs = [text_run(method, s, warm_state, vocab, train, held_out, steps, batch, hidden, layers, max(1, steps // 6)) for s in seeds]
-        results[method] = {
-            "final_train_loss": summary([r["final_train_loss"] for r in runs]),
-            "held_out_loss": summary([r["held_out_loss"] for r in runs]),
-            "params": runs[0]["params"],
-            "curves": [r["curve"] for r in runs],
-            "held_out_curves": [r["held_out_curve"] for r in runs],
-        }
-        print(f"text {method}: train {results[method]['final_train_loss']['mean']:.4f} +- {results[method]['final_train_loss']['std']:.4f}, "
-              f"held-out {results[method]['held_out_loss']['mean']:.4f} +- {results[method]['held_out_loss']['std']:.4f}, "
-              f"params {results[method]['params']:,}", flush=True)
-    return results
-
-
-def plot_curves(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, row in results.items():
-        curves = torch.tensor(row["curves"])  # (seeds, steps)
-        mean = curves.mean(0)
-        window = max(1, len(mean) // 30)
-        smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), window, stride=1).view(-1)
-        ax.plot(range(window, len(mean) + 1), smooth.tolist(), label=f"{method} (train)")
-        held = row["held_out_curves"][0]
-        held_mean = [statistics.mean(c[i][1] for c in row["held_out_curves"]) for i in range(len(held))]
-        ax.plot([s for s, _ in held], held_mean, marker="o", linestyle="--", label=f"{method} (held-out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("GenMedGPT-5k fine-tuning of a tiny GSM8K-warmed Llama (mean over seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
+# ------------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    import testbed
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["teacher", "text", "ablation", "all"], default="all",
-                        help="ablation: part text with CoLA + one technique at a time")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
-    parser.add_argument("--warm_steps", type=int, default=400, help="LM warm-up steps (part text)")
-    parser.add_argument("--data_dir", default=DEFAULT_DATA)
-    parser.add_argument("--out", default="", help="JSON results; the loss-curve PNG is written next to it")
+    parser.add_argument("--part", choices=["compare", "teacher", "all"], default="compare")
+    parser.add_argument("--bases", default="pretrained,outliers", help="testbed bases (comma-separated)")
+    parser.add_argument("--tasks", default=",".join(testbed.TASKS), help="tasks (comma-separated)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (comma-separated) from {list(METHODS)}")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="an extra CoLA method 'name:key=value,...' (AiraMoeConfig keys over CoLA 2x3 r=4)")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid (extended past a winning edge)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per method at the chosen lr (part compare)")
+    parser.add_argument("--steps", type=int, default=120, help="fine-tuning steps per run")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
+    parser.add_argument("--eval_chunks", type=int, default=128, help="val/test sequences scored per run")
+    parser.add_argument("--screen", action="store_true",
+                        help="report the val split only (for choosing defaults); with --seeds 1, just the lr search")
+    parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--cache", default=os.path.join(ROOT, "outputs", "quality_runs.jsonl"), help="JSONL run cache ('' = none)")
+    parser.add_argument("--tag", default="", help="kept in every run's cache key (change it after changing the code)")
+    parser.add_argument("--data_dir", default=testbed.DEFAULT_DATA)
+    parser.add_argument("--testbed_dir", default=testbed.DEFAULT_CACHE)
+    parser.add_argument("--pretrain_steps", type=int, default=testbed.BUILD["pretrain_steps"])
+    parser.add_argument("--teacher_steps", type=int, default=300)
+    parser.add_argument("--out", default="", help="JSON results; a markdown table is printed (and written next to it)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    seeds = list(range(args.seeds))
-    result = {"device": device_name(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": seeds, "steps": args.steps}
+    args.bases, args.tasks = args.bases.split(","), args.tasks.split(",")
+    args.lrs = [float(v) for v in args.lrs.split(",")]
+    methods = {name: METHODS[name] for name in args.methods.split(",") if name}
+    for spec in args.extra:
+        name, kwargs = parse_extra(spec)
+        methods[name] = kwargs
     start = time.perf_counter()
+    result = {"device": device_name(torch.device("cpu")) + f", {args.workers} worker processes x 1 thread",
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}}
+    if args.part in ("compare", "all"):
+        manifest = testbed.build(args.testbed_dir, args.data_dir, {**testbed.BUILD, "pretrain_steps": args.pretrain_steps})
+        result["testbed"] = {k: manifest[k] for k in ("settings", "stats", "planted", "split_sizes", "chunks")}
+        result["compare"] = compare(args, manifest, methods)
+        table = markdown(json.loads(json.dumps(result["compare"])), args.screen)
+        print("\n" + table)
+        if args.out:
+            with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
+                handle.write(table)
     if args.part in ("teacher", "all"):
-        runs = [teacher_student(seed, args.steps) for seed in seeds]
-        result["teacher"] = {
-            method: {"held_out_kl": summary([r[method]["held_out_kl"] for r in runs]), "params": runs[0][method]["params"],
-                     "layer_ranks": [r[method]["layer_ranks"] for r in runs]}
-            for method in runs[0]
-        }
-        for method, row in result["teacher"].items():
-            print(f"teacher {method}: KL {row['held_out_kl']['mean']:.4f} +- {row['held_out_kl']['std']:.4f}, "
-                  f"params {row['params']:,}, ranks {row['layer_ranks'][0]}", flush=True)
-    if args.part in ("text", "all"):
-        result["text"] = text_benchmark(seeds, args.steps, args.data_dir, args.warm_steps)
-    if args.part == "ablation":
-        result["text"] = text_benchmark(seeds, args.steps, args.data_dir, args.warm_steps,
-                                        methods=("cola_basic", "cola_layer_wise", "cola_awsvd", "cola_weighting", "aira_full"))
+        result["teacher"] = teacher_part(list(range(args.seeds)), args.teacher_steps)
     result["seconds"] = time.perf_counter() - start
     write_json(result, args.out)
-    if args.out and "text" in result:
-        plot_curves(result["text"], os.path.splitext(args.out)[0] + "_curves.png")
     return result
 
 

@@ -49,10 +49,20 @@ def test_quality_teacher_reduced(tmp_path):
     assert len(params) == 1  # every method at the same parameter budget
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_TRAIN), reason="needs ../shared/data/train")
-def test_quality_text_reduced(tmp_path):
+@pytest.mark.skipif(not os.path.isdir(SHARED_TRAIN), reason="needs ../shared/data/train (the quality benchmark's "
+                    "real task data, present in this project's workspace, not in a plain clone)")
+def test_quality_compare_reduced(tmp_path):
     out = tmp_path / "quality.json"
-    run("quality.py", "--part", "text", "--seeds", "1", "--steps", "3", "--warm_steps", "2", "--out", str(out))
-    text = json.loads(out.read_text())["text"]
-    assert set(text) == {"lora", "cola_basic", "aira_full"}
-    assert (tmp_path / "quality_curves.png").is_file()
+    run("quality.py", "--part", "compare", "--bases", "pretrained,outliers", "--tasks", "finance",
+        "--methods", "lora,cola_basic,aira_full", "--lrs", "3e-3", "--seeds", "2", "--steps", "2", "--batch", "2",
+        "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache", "",
+        "--workers", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    cell = result["compare"]["outliers"]["finance"]
+    assert set(cell) == {"lora", "cola_basic", "aira_full"}
+    assert len({row["params"] for row in cell.values()}) == 1  # equal trainable parameters, checked by the harness
+    assert len(cell["aira_full"]["test_loss"]["runs"]) == 2 and "paired_diff_vs_lora" in cell["aira_full"]
+    stats = result["testbed"]["stats"]
+    # the planted outlier channels are really there (the build itself checks that they leave the function unchanged)
+    assert max(row["max_over_median"] for row in stats["outliers"]) > 20
+    assert (tmp_path / "quality.md").is_file()

@@ -19,11 +19,16 @@ REQUIRED = {
     "generality_standard": {"num_A": 2, "num_B": 3, "use_activation_aware": True},
     "generality_full": {"use_layer_wise_rank": True, "use_awsvd_init": True, "use_activation_aware": True},
     "finance": {"dataset": "fineval-en", "activation_aware_mode": "outps"},
-    "math": {"dataset": "gsm8k", "lod_threshold_M": 2.5, "awsvd_collect_steps": 150},
+    "math": {"dataset": "gsm8k", "lod_threshold_M": 4.0, "awsvd_collect_steps": 150},
     "medicine": {"dataset": "iCliniq,GenMedGPT-5k", "activation_aware_mode": "outps", "awsvd_collect_steps": 120},
     "law": {"activation_aware_mode": "inps"},
     "multi-tasking": {"rank_budget": 256},
 }
+
+
+def text_config(recipe):
+    with open(os.path.join(REPO, "configs", f"{recipe}.yaml"), encoding="utf-8") as handle:
+        return handle.read()
 
 
 def load_config(recipe):
@@ -62,7 +67,15 @@ def test_script_and_config_agree(recipe):
         assert config.get(key) == value, (key, config.get(key))
     if config.get("use_layer_wise_rank"):
         assert 128 <= config["rank_budget"] <= 256 and 2 <= config["min_rank"] <= 4 and 32 <= config["max_rank"] <= 64
-        assert 1.8 <= config["lod_threshold_M"] <= 2.5 and 100 <= config["awsvd_collect_steps"] <= 200
+        assert 100 <= config["awsvd_collect_steps"] <= 200
+        # the best-measured LOD threshold (median reference), with the seed's per-recipe value noted beside it
+        assert config["lod_reference"] == "median" and config["lod_threshold_M"] == 4.0
+        seed_value = re.search(r"^lod_threshold_M: 4\.0  # seed: ([0-9.]+) \(times the mean\)$", text_config(recipe), re.M)
+        assert seed_value and 1.8 <= float(seed_value.group(1)) <= 2.5
+    if config.get("use_awsvd_init"):
+        assert config["awsvd_mode"] == "directions" and "awsvd_mode: directions  # seed: residual" in text_config(recipe)
+    if config.get("use_activation_aware"):
+        assert config["activation_normalize"] == "inverse" and "# seed: true (min-max)" in text_config(recipe)
 
 
 def test_datasets_are_registered():

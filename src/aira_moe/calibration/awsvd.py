@@ -41,6 +41,14 @@ def truncated_svd(matrix: torch.Tensor, rank: int, solver: str, niter: int, over
     return randomized_svd(matrix, rank, niter=niter, oversample=oversample, generator=generator)
 
 
+def weighted_svd(weight, rms, rank: int, solver: str, niter: int, oversample: int, generator=None):
+    """(S, U', Sigma', V') with W S = U' Sigma' V'^T (top ``rank``), S = diag(guarded rms); fp32 on the weight's
+    device."""
+    scale = guarded_scale(rms.to(weight.device, torch.float32))
+    weighted = weight.to(torch.float32) * scale.unsqueeze(0)  # W S: (out, in)
+    return (scale, *truncated_svd(weighted, rank, solver, niter, oversample, generator))
+
+
 def awsvd_factors(
     weight: torch.Tensor,
     rms: torch.Tensor,
@@ -59,9 +67,7 @@ def awsvd_factors(
     symmetric split: A = sqrt(Sigma') V'^T S^-1, B = U' sqrt(Sigma').
     Computed in fp32 on the weight's device.
     """
-    scale = guarded_scale(rms.to(weight.device, torch.float32))
-    weighted = weight.to(torch.float32) * scale.unsqueeze(0)  # W S: (out, in)
-    u, singular, v = truncated_svd(weighted, rank, solver, niter, oversample, generator)
+    scale, u, singular, v = weighted_svd(weight, rms, rank, solver, niter, oversample, generator)
     factor_A = v.T / scale.unsqueeze(0)  # V'^T S^-1: (rank, in)
     factor_B = u * singular.unsqueeze(0)  # U' Sigma': (out, rank)
     if split == "symmetric":
@@ -69,3 +75,33 @@ def awsvd_factors(
         factor_A = root.unsqueeze(1) * factor_A
         factor_B = u * root.unsqueeze(0)
     return factor_A, factor_B
+
+
+def awsvd_directions(
+    weight: torch.Tensor,
+    rms: torch.Tensor,
+    count: int,
+    *,
+    solver: str = "randomized",
+    niter: int = 6,
+    oversample: int = 16,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The top-``count`` activation-weighted input directions of W as rows (count x in): row k = c * v_k^T S^-1 with
+    W S = U' Sigma' V'^T, so that row k reads the whitened input S^-1 x along W's k-th principal direction.
+
+    c = sqrt(median(rms^2) / 3) gives each row the activation-space scale of LoRA's Kaiming-uniform A row on a typical
+    channel (E[(a x)^2] = mean(rms^2) / 3 for entries U(-1/sqrt(in), 1/sqrt(in))); the median, not the mean, so that a
+    few outlier channels do not inflate it (W S, and with it V', is unchanged when a channel of x is scaled by k and
+    the matching column of W by 1/k, so with the median the rows are too, up to that channel).
+    """
+    scale, _, _, v = weighted_svd(weight, rms, count, solver, niter, oversample, generator)
+    level = (scale.square().median() / 3.0).sqrt()
+    return level * v.T / scale.unsqueeze(0)  # (count, in)
+
+
+def divide_out_input_weights(rows: torch.Tensor, weights: torch.Tensor, floor: float = RMS_FLOOR) -> torch.Tensor:
+    """rows diag(1/w) (rows: k x in, w: in), so that (rows diag(1/w)) diag(w) = rows; w is floored at ``floor`` * mean
+    so that a zero weight cannot blow up."""
+    guarded = weights.to(rows.device, torch.float32).clamp(min=(floor * weights.float().mean()).item())
+    return rows / guarded.unsqueeze(0)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .._logging import get_logger
 from .._zero import gathered
 from .allocation import allocate_ranks, check_budget, resolve_budget
-from .awsvd import awsvd_factors
+from .awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
 from .collect import broadcast_from_main, is_main_process, run_calibration_pass
 from .report import build_report, format_table, write_report
 from .stats import ChannelStats, activation_importance, channel_scores, input_channel_norms, input_rms, lod_score
@@ -78,7 +78,8 @@ def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str) -
             else:
                 weight = layers[name].get_base_layer().weight
                 with gathered([weight]):
-                    scores.append(lod_score(_weight_out_in(layers[name]), input_channel_norms(stats[name]), config.lod_threshold_M))
+                    scores.append(lod_score(_weight_out_in(layers[name]), input_channel_norms(stats[name]), config.lod_threshold_M,
+                                            config.lod_reference))
         importance[unit] = sum(scores) / len(scores)
     return importance
 
@@ -179,20 +180,26 @@ def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int]
         for name, layer in tqdm(layers.items(), desc="aira_moe AwSVD init", disable=not is_main_process(), unit="module"):
             weight = layer.get_base_layer().weight
             rank = layer.r[adapter_name]
+            num_A = layer.aira_moe_A[adapter_name].shape[0]
+            count = rank * num_A if config.awsvd_mode == "directions" else rank
             with gathered([weight]):
                 full = _weight_out_in(layer)
-                if rank > min(full.shape):
-                    raise ValueError(f"rank {rank} of {name!r} exceeds min{tuple(full.shape)}; lower `max_rank` / `r`")
-                factor_A, factor_B = awsvd_factors(
-                    full.detach(),
-                    input_rms(stats[name]),
-                    rank,
-                    solver=config.awsvd_solver,
-                    niter=config.awsvd_niter,
-                    oversample=config.awsvd_oversample,
-                    split=config.awsvd_split,
-                    generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)),
-                )
+                if count > min(full.shape):
+                    raise ValueError(f"AwSVD needs {count} directions of {name!r} but it has only min{tuple(full.shape)}; "
+                                     "lower `max_rank` / `r`" + (" or `num_A`" if num_A > 1 else ""))
+                svd_args = dict(solver=config.awsvd_solver, niter=config.awsvd_niter, oversample=config.awsvd_oversample,
+                                generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)))
+                if config.awsvd_mode == "directions":
+                    directions = awsvd_directions(full.detach(), input_rms(stats[name]), count, **svd_args)
+                else:
+                    factor_A, factor_B = awsvd_factors(full.detach(), input_rms(stats[name]), rank,
+                                                       split=config.awsvd_split, **svd_args)
+            if config.awsvd_mode == "directions":
+                if config.use_activation_aware and config.activation_aware_mode == "inps":
+                    # the *weighted* A rows (A diag(w)) are the directions; outps weights act on B, which starts at 0
+                    directions = divide_out_input_weights(directions, layer.aira_moe_channel_scale[adapter_name])
+                layer.set_initial_directions(adapter_name, broadcast_from_main(directions.contiguous()))
+                continue
             layer.set_initial_update(adapter_name, broadcast_from_main(factor_A.contiguous()), broadcast_from_main(factor_B.contiguous()))
         seconds["awsvd"] = time.perf_counter() - start
 

@@ -82,11 +82,21 @@ def output_mean_abs(stats: ChannelStats) -> torch.Tensor:
     return stats.sum_abs_out / _require_tokens(stats.count)
 
 
-def lod_score(weight: torch.Tensor, channel_norms: torch.Tensor, threshold_M: float) -> float:
+LOD_REFERENCES = ("mean", "median")
+
+
+def lod_score(weight: torch.Tensor, channel_norms: torch.Tensor, threshold_M: float, reference: str = "mean") -> float:
     """Layer-wise outlier distribution: with A_ij = |W_ij| * a_j (W: out x in, a_j = ||X_j||_2),
-    LOD = fraction of entries with A_ij > M * mean(A)."""
+    LOD = fraction of entries with A_ij > M * ref(A), ref = mean (the seed's formula) or median. A few huge entries
+    inflate the mean (and with it the threshold) but not the median."""
     scores = weight.to(torch.float32).abs() * channel_norms.to(weight.device, torch.float32).unsqueeze(0)  # (out, in)
-    return (scores > threshold_M * scores.mean()).to(torch.float32).mean().item()
+    if reference == "mean":
+        level = scores.mean()
+    elif reference == "median":
+        level = scores.flatten().median()
+    else:
+        raise ValueError(f"`lod_reference` must be one of {list(LOD_REFERENCES)}, got {reference!r}.")
+    return (scores > threshold_M * level).to(torch.float32).mean().item()
 
 
 def activation_importance(stats: ChannelStats) -> float:
@@ -99,7 +109,40 @@ def minmax_normalize(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (scores - scores.min()) / (scores.max() - scores.min() + eps)
 
 
-def channel_scores(stats: ChannelStats, mode: str, normalize: bool) -> torch.Tensor:
-    """Fixed per-channel weights of activation-aware weighting: 'inps' mean |x| (in), 'outps' mean |Wx| (out)."""
+def _positive_mean(scores: torch.Tensor) -> torch.Tensor:
+    mean = scores.mean()
+    if not mean > 0:
+        raise ValueError("activation-aware weighting: every channel score is zero; the calibration data never reached "
+                         "this layer")
+    return mean
+
+
+# name -> weights from raw channel scores s (>= 0). 'minmax' is the seed's formula; the others keep the update's
+# average scale (mean weight 1), so the weighting re-distributes the update over channels instead of shrinking it.
+CHANNEL_NORMALIZERS = {
+    "minmax": minmax_normalize,
+    "mean": lambda s: s / _positive_mean(s),
+    "sqrt": lambda s: s.sqrt() / _positive_mean(s.sqrt()),
+    "inverse": lambda s: _inverse(s),
+    "none": lambda s: s,
+}
+
+
+def _inverse(scores: torch.Tensor) -> torch.Tensor:
+    floored = scores.clamp(min=(1e-3 * _positive_mean(scores)).item())
+    inverse = 1.0 / floored
+    return inverse / inverse.mean()
+
+
+def normalize_channel_scores(scores: torch.Tensor, method: str) -> torch.Tensor:
+    """Channel weights from raw scores by ``method`` (see ``CHANNEL_NORMALIZERS``)."""
+    if method not in CHANNEL_NORMALIZERS:
+        raise ValueError(f"`activation_normalize` must be one of {list(CHANNEL_NORMALIZERS)}, got {method!r}.")
+    return CHANNEL_NORMALIZERS[method](scores)
+
+
+def channel_scores(stats: ChannelStats, mode: str, normalize: str) -> torch.Tensor:
+    """Fixed per-channel weights of activation-aware weighting: 'inps' mean |x| (in), 'outps' mean |Wx| (out),
+    normalised by ``normalize`` (a key of ``CHANNEL_NORMALIZERS``)."""
     scores = input_mean_abs(stats) if mode == "inps" else output_mean_abs(stats)
-    return minmax_normalize(scores) if normalize else scores
+    return normalize_channel_scores(scores, normalize)

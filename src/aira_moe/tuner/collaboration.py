@@ -13,6 +13,7 @@ Instead of looping over pairs, the experts are folded into one effective factor 
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -88,6 +89,13 @@ def effective_factors(
     if out_scale is not None:
         factor_B = factor_B * out_scale.to(factor_B.dtype).unsqueeze(1)  # (out, R) * (out, 1)
     return factor_A, factor_B
+
+
+def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool, scaling_rank: int | None = None) -> float:
+    """s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ``scaling_rank`` replaces r when given
+    (``layer_scaling='base'``: the configured r, not the allocated one)."""
+    rank = scaling_rank or r
+    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
 def pairing_total(strategy: str, num_A: int, num_B: int) -> float:

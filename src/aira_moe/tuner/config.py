@@ -7,14 +7,20 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..calibration.allocation import OBJECTIVES
+from ..calibration.stats import CHANNEL_NORMALIZERS, LOD_REFERENCES
 from ._registry import ensure_peft_type
 
+# the allowed values of each choice field: the one copy (the Literal annotations and the LLaMA-Factory keys use them)
 COLA_STRATEGIES = ("full", "heuristic", "random")
 THETA_TYPES = ("lod", "act")
-OBJECTIVE_FUNCTIONS = ("log", "linear", "exp2", "cubic")
+OBJECTIVE_FUNCTIONS = tuple(OBJECTIVES)
 ACTIVATION_AWARE_MODES = ("inps", "outps")
 AWSVD_SOLVERS = ("randomized", "full")
 AWSVD_SPLITS = ("reference", "symmetric")
+AWSVD_MODES = ("residual", "directions")
+LAYER_SCALINGS = ("rank", "base")
+ACTIVATION_NORMALIZATIONS = tuple(CHANNEL_NORMALIZERS)
 BIAS_OPTIONS = ("none", "all", "aira_moe_only")
 
 
@@ -54,7 +60,7 @@ class AiraMoeConfig(PeftConfig):
     )
     num_A: int = field(default=1, metadata={"help": "Number of down-projection experts A_i (r x in) per layer. "})
     num_B: int = field(default=1, metadata={"help": "Number of up-projection experts B_j (out x r) per layer. "})
-    cola_strategy: Literal["full", "heuristic", "random"] = field(
+    cola_strategy: Literal[COLA_STRATEGIES] = field(
         default="full",
         metadata={
             "help": "How A and B experts collaborate: 'full' sums every pair (one LoRA-sized GEMM pair), "
@@ -81,14 +87,21 @@ class AiraMoeConfig(PeftConfig):
     use_layer_wise_rank: bool = field(
         default=False, metadata={"help": "Allocate ranks per decoder layer from calibrated layer importance. "}
     )
-    theta_type: Literal["lod", "act"] = field(
+    theta_type: Literal[THETA_TYPES] = field(
         default="lod",
         metadata={
             "help": "Layer importance: 'lod' (fraction of outlier |W_ij| * ||X_j|| entries) or 'act' (mean |x|). "
         },
     )
     lod_threshold_M: float = field(
-        default=2.0, metadata={"help": "An entry is an outlier when it exceeds lod_threshold_M times the mean. "}
+        default=4.0,
+        metadata={"help": "An entry is an outlier when it exceeds lod_threshold_M times the reference level "
+                          "(see lod_reference). "},
+    )
+    lod_reference: Literal[LOD_REFERENCES] = field(
+        default="median",
+        metadata={"help": "Reference level of the LOD outlier threshold: 'mean' of all |W_ij| * ||X_j|| (the seed's "
+                          "formula) or their 'median', which a few huge channels cannot inflate. "},
     )
     rank_budget: Union[int, str] = field(
         default=64,
@@ -99,7 +112,13 @@ class AiraMoeConfig(PeftConfig):
     )
     min_rank: int = field(default=1, metadata={"help": "Smallest rank a layer may get. "})
     max_rank: int = field(default=16, metadata={"help": "Largest rank a layer may get. "})
-    objective_function: Literal["log", "linear", "exp2", "cubic"] = field(
+    layer_scaling: Literal[LAYER_SCALINGS] = field(
+        default="rank",
+        metadata={"help": "Scale of a layer after allocation: 'rank' uses lora_alpha / r_l of its allocated rank (the "
+                          "LoRA rule per layer), 'base' uses lora_alpha / r of the configured r in every layer "
+                          "(sqrt(r) with rsLoRA in both). "},
+    )
+    objective_function: Literal[OBJECTIVE_FUNCTIONS] = field(
         default="log",
         metadata={"help": "Allocation objective f in max sum_l theta_l * f(r_l): log, linear, exp2 (r^2), cubic (r^3). "},
     )
@@ -113,27 +132,38 @@ class AiraMoeConfig(PeftConfig):
     awsvd_collect_steps: int = field(
         default=100, metadata={"help": "Number of calibration batches (one pass serves every technique). "}
     )
-    awsvd_solver: Literal["randomized", "full"] = field(
+    awsvd_solver: Literal[AWSVD_SOLVERS] = field(
         default="randomized", metadata={"help": "SVD used by AwSVD: 'randomized' (fast, default) or 'full'. "}
     )
     awsvd_niter: int = field(default=6, metadata={"help": "Power iterations of the randomized SVD. "})
     awsvd_oversample: int = field(default=16, metadata={"help": "Extra columns sampled by the randomized SVD. "})
-    awsvd_split: Literal["reference", "symmetric"] = field(
+    awsvd_split: Literal[AWSVD_SPLITS] = field(
         default="reference",
         metadata={
             "help": "Where the singular values go: 'reference' puts them in B, 'symmetric' splits sqrt(S) "
             "between A and B. "
         },
     )
+    awsvd_mode: Literal[AWSVD_MODES] = field(
+        default="directions",
+        metadata={"help": "'directions' (default): the A experts start on W's top activation-weighted input directions "
+                          "at LoRA's init scale and B at zero, so the update starts at zero and the base weight is "
+                          "untouched. 'residual' (the seed's method): the adapter starts as the activation-weighted "
+                          "best rank-r approximation of W, which is subtracted from the base weight (PiSSA-style). "},
+    )
     use_activation_aware: bool = field(
         default=False, metadata={"help": "Weight the update by fixed per-channel activation scores. "}
     )
-    activation_aware_mode: Literal["inps", "outps"] = field(
+    activation_aware_mode: Literal[ACTIVATION_AWARE_MODES] = field(
         default="inps",
         metadata={"help": "Score input channels (mean |x|) with 'inps' or output channels (mean |Wx|) with 'outps'. "},
     )
-    activation_normalize: bool = field(
-        default=True, metadata={"help": "Min-max normalise the channel scores to [0, 1]. "}
+    activation_normalize: Union[str, bool] = field(
+        default="inverse",
+        metadata={"help": "Channel weights from the scores s: 'inverse' (1/s) / mean(1/s) (default: the update is "
+                          "trained in activation-whitened coordinates), 'minmax' (s - min) / (max - min) (the seed's "
+                          "formula), 'mean' s / mean(s), 'sqrt' sqrt(s) / mean(sqrt(s)), 'none' s. True and False mean "
+                          "'minmax' and 'none'. "},
     )
     init_weights: bool = field(
         default=True,
@@ -173,6 +203,10 @@ class AiraMoeConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.rank_budget, str) and self.rank_budget.strip().isdigit():  # "64" from a YAML / CLI string
+            self.rank_budget = int(self.rank_budget)
+        if isinstance(self.activation_normalize, bool):  # the seed's boolean switch
+            self.activation_normalize = "minmax" if self.activation_normalize else "none"
         self.validate()
 
     def validate(self) -> None:
@@ -186,6 +220,10 @@ class AiraMoeConfig(PeftConfig):
         _require_choice("activation_aware_mode", self.activation_aware_mode, ACTIVATION_AWARE_MODES)
         _require_choice("awsvd_solver", self.awsvd_solver, AWSVD_SOLVERS)
         _require_choice("awsvd_split", self.awsvd_split, AWSVD_SPLITS)
+        _require_choice("awsvd_mode", self.awsvd_mode, AWSVD_MODES)
+        _require_choice("lod_reference", self.lod_reference, LOD_REFERENCES)
+        _require_choice("layer_scaling", self.layer_scaling, LAYER_SCALINGS)
+        _require_choice("activation_normalize", self.activation_normalize, ACTIVATION_NORMALIZATIONS)
         _require_choice("bias", self.bias, BIAS_OPTIONS)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
@@ -195,8 +233,9 @@ class AiraMoeConfig(PeftConfig):
         _require_at_least("max_rank", self.max_rank, 1)
         if self.min_rank > self.max_rank:
             raise ValueError(f"`min_rank` ({self.min_rank}) must be <= `max_rank` ({self.max_rank}).")
-        if self.rank_budget != "auto":
-            _require_at_least("rank_budget", self.rank_budget, 1)
+        if self.rank_budget != "auto" and (isinstance(self.rank_budget, bool) or not isinstance(self.rank_budget, int)
+                                           or self.rank_budget < 1):
+            raise ValueError(f"`rank_budget` must be a positive integer or 'auto', got {self.rank_budget!r}.")
         _require_at_least("awsvd_collect_steps", self.awsvd_collect_steps, 1)
         _require_at_least("awsvd_niter", self.awsvd_niter, 0)
         _require_at_least("awsvd_oversample", self.awsvd_oversample, 0)

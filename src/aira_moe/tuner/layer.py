@@ -13,7 +13,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import effective_factors, heuristic_pairing, pairing_total, random_pairing_indices
+from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pairing_total, random_pairing_indices
 
 
 class StepCounter:
@@ -102,15 +102,17 @@ class AiraMoeLayer(BaseTunerLayer):
         init_weights: bool = True,
         activation_mode: Optional[str] = None,
         with_initial_factors: bool = False,
+        scaling_rank: Optional[int] = None,
     ) -> None:
-        """Create (or re-create with a new rank) the experts of ``adapter_name``."""
+        """Create (or re-create with a new rank) the experts of ``adapter_name``. The scale is lora_alpha / r (or
+        / sqrt(r) with rsLoRA), with ``scaling_rank`` in place of r when given (layer_scaling='base')."""
         if r < 1:
             raise ValueError(f"`r` must be an integer >= 1, got {r!r}.")
         if adapter_name in self._residual_applied:
             self._restore_residual(adapter_name)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, use_rslora, scaling_rank)
         self.strategy[adapter_name] = cola_strategy
         self.cola_seed[adapter_name] = cola_seed
         self.aira_moe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -167,6 +169,17 @@ class AiraMoeLayer(BaseTunerLayer):
         self.aira_moe_init_A[adapter_name] = factor_A.detach().float().contiguous().clone()
         self.aira_moe_init_B[adapter_name] = factor_B.detach().float().contiguous().clone()
         self._sync_residual(adapter_name)
+
+    def set_initial_directions(self, adapter_name: str, directions: torch.Tensor) -> None:
+        """Start every A expert on its own block of rows of ``directions`` (num_A * r x in); B stays zero, so the update
+        is zero and the base weight is untouched ('directions' AwSVD init). Distinct blocks keep the A experts of
+        'heuristic' / 'random' from starting (and staying) identical."""
+        experts_A = self.aira_moe_A[adapter_name]
+        if directions.shape != (experts_A.shape[0] * experts_A.shape[1], experts_A.shape[2]):
+            raise ValueError(f"directions for {self.layer_key} must have shape "
+                             f"{(experts_A.shape[0] * experts_A.shape[1], experts_A.shape[2])}, got {tuple(directions.shape)}")
+        with torch.no_grad():
+            experts_A.copy_(directions.to(experts_A).view_as(experts_A))
 
     # ---------------------------------------------------------------- residual of the AwSVD init
 
