@@ -65,11 +65,15 @@ def test_rigged_model_accuracy_is_exact(tmp_path):
     assert results["accuracy"] == 0.5 and results["num_questions"] == 8 and results["correct"] == 4
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["per_subject"]["gsm8k"] == {"accuracy": 0.5, "num_questions": 8, "correct": 4}
-    # 'pick C' on question 4 (answer C) flips one wrong answer to right; on question 0 (answer A) one right to wrong
-    write_gsm8k(tmp_path, ANSWERS, {4: "pick C", 0: "pick C"})
+    # 'pick C' on question 4 (answer C) flips one wrong answer to right: a scorer reading the wrong row misses it
+    write_gsm8k(tmp_path, ANSWERS, {4: "pick C"})
     args.overwrite_save_dir = True
     results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
-    assert results["correct"] == 4  # +1 (q4) -1 (q0)
+    assert results["correct"] == 5
+    # on question 0 (answer A) it flips a right answer to wrong
+    write_gsm8k(tmp_path, ANSWERS, {0: "pick C"})
+    results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert results["correct"] == 3
 
 
 def test_existing_results_are_not_overwritten_silently(tmp_path):
@@ -114,7 +118,8 @@ def test_batched_scores_equal_one_at_a_time(tmp_path):
     results = {}
     for batch_size in (1, 7):
         args = EvalArguments(model_name_or_path=assets["model"], task="gsm8k", task_dir=assets["task_dir"], n_shot=2,
-                             batch_size=batch_size, device="cpu", template="default")
+                             batch_size=batch_size, device="cpu", template="default",
+                             save_dir=str(tmp_path / f"eval_{batch_size}"))
         results[batch_size] = evaluate(args)
     assert results[1]["correct"] == results[7]["correct"] and results[1]["num_questions"] == 24
 
@@ -137,5 +142,42 @@ def test_cli_flags_override_yaml(tmp_path):
     config.write_text("model_name_or_path: m\ntask: gsm8k\nn_shot: 5\nbatch_size: 2\n")
     args = parse_eval_args([str(config), "--n_shot", "0", "--overwrite_save_dir", "true"])
     assert (args.model_name_or_path, args.n_shot, args.batch_size, args.overwrite_save_dir) == ("m", 0, 2, True)
+    # the hint in the "already holds results.json" error works as written: a bare flag
+    assert parse_eval_args([str(config), "--overwrite_save_dir"]).overwrite_save_dir is True
+    assert parse_eval_args([str(config), "--overwrite_save_dir", "false"]).overwrite_save_dir is False
     with pytest.raises(SystemExit, match="task"):
         parse_eval_args(["--model_name_or_path", "m"])
+
+
+def test_defaults_pick_n_shot_and_write_results(tmp_path, monkeypatch, capsys):
+    write_gsm8k(tmp_path, ANSWERS)  # no dev split: 0 shots
+    monkeypatch.chdir(tmp_path)
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path))
+    evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    out = capsys.readouterr().out
+    assert args.n_shot == 0 and "n_shot=0" in out
+    written = list((tmp_path / "outputs" / "eval").glob("gsm8k-*/results.json"))
+    assert len(written) == 1 and f"results: {os.path.join('outputs', 'eval', written[0].parent.name, 'results.json')}" in out
+    # a dev split of 3: 3 shots; the default never exceeds 5
+    with open(tmp_path / "gsm8k" / "dev.csv", "w", newline="", encoding="cp1252") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+        for i in range(3):
+            writer.writerow([i, f"dev {i}?", "1", "2", "3", "4", "B"])
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), save_dir=str(tmp_path / "k"))
+    evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert args.n_shot == 3
+    from aira_moe.evaluation.runner import default_n_shot
+
+    assert default_n_shot([Subject("s", "s", [], [dev] * 9) for dev in [Question("q", ("a", "b", "c", "d"), "A")]]) == 5
+
+
+def test_help_shows_every_default(capsys):
+    from aira_moe.cli import parse_eval_args
+
+    with pytest.raises(SystemExit):
+        parse_eval_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("template", "n_shot", "batch_size", "save_dir", "overwrite_save_dir", "device"):
+        assert f"--{name}" in text
+    assert "(default: default)" in text and "(default: 4)" in text and "(default: False)" in text

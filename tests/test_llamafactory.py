@@ -108,24 +108,28 @@ def test_train_all_techniques(assets, tmp_path):
     assert report["rank_sum"] == 16 and (out / "aira_moe_allocation.png").is_file()
     assert (out / "training_loss.png").is_file()
     tensors = load_adapter_tensors(out)
-    assert any("aira_moe_init_A" in k for k in tensors) and any("aira_moe_channel_scale" in k for k in tensors)
+    # the default 'directions' AwSVD init leaves the base weight alone: no initial pair ships, the channel weights do
+    assert not any("aira_moe_init_A" in k for k in tensors) and any("aira_moe_channel_scale" in k for k in tensors)
     assert "aira_moe allocation" in log
 
 
 def test_resume_reuses_ranks_and_matches_uninterrupted_run(assets, tmp_path):
+    # the 'residual' AwSVD init: the base weight holds W - dW0, which the Trainer's reload must not subtract twice
+    residual = {"awsvd_mode": "residual"}
     straight = tmp_path / "straight"
-    run_cli("train", train_args(assets, straight), tmp_path)
+    run_cli("train", train_args(assets, straight, **residual), tmp_path)
     resumed = tmp_path / "resumed"
-    run_cli("train", train_args(assets, resumed, max_steps=3), tmp_path)
+    run_cli("train", train_args(assets, resumed, max_steps=3, **residual), tmp_path)
     _, log = run_cli(
         "train",
-        train_args(assets, resumed, resume_from_checkpoint=str(resumed / "checkpoint-3"), overwrite_output_dir=False),
+        train_args(assets, resumed, resume_from_checkpoint=str(resumed / "checkpoint-3"), overwrite_output_dir=False,
+                   **residual),
         tmp_path,
     )
     assert "calibration skipped" in log and "aira_moe calibration" not in log
     assert rank_pattern(resumed) == rank_pattern(resumed / "checkpoint-3") == rank_pattern(straight)
     a, b = load_adapter_tensors(straight), load_adapter_tensors(resumed)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any("aira_moe_init_A" in k for k in a)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
@@ -155,6 +159,16 @@ def test_export_merges_exactly_and_chat_loads(assets, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
         adapted = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
     assert ((merged - adapted).norm() / adapted.norm()).item() <= 1e-4
+
+    # the standard-LoRA export of the same adapter, merged by stock peft, equals llamafactory-cli export
+    lora_dir = tmp_path / "lora"
+    result = subprocess.run(["aira-moe", "export-lora", "--adapter", str(out), "--out", str(lora_dir)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+        lora_merged = PeftModel.from_pretrained(base, str(lora_dir)).merge_and_unload().eval()(ids).logits
+    assert ((lora_merged - merged).norm() / merged.norm()).item() <= 1e-4
 
     script = (
         "from llamafactory.chat import ChatModel\n"
@@ -222,3 +236,45 @@ def test_bad_key_value_is_rejected_at_parsing(assets, tmp_path):
 def test_unknown_key_is_still_rejected(assets, tmp_path):
     code, log = run_cli("train", train_args(assets, tmp_path / "bad", num_C=3), tmp_path, check=False)
     assert code != 0 and "num_C" in log
+
+
+def parse_train(assets, tmp_path, **overrides):
+    """LLaMA-Factory's own argument parsing, in process (the start-up hook installed the seam on import)."""
+    from llamafactory.hparams.parser import get_train_args
+
+    args = train_args(assets, tmp_path / "parse", **overrides)
+    return get_train_args(args)
+
+
+@pytest.mark.parametrize("spelling", ["aira-moe", "AIRA_MOE", "Aira-Moe"])
+def test_near_miss_finetuning_type_gets_did_you_mean(assets, tmp_path, spelling):
+    with pytest.raises(ValueError, match=rf"`finetuning_type`='{spelling}' is not a method; did you mean 'aira_moe'"):
+        parse_train(assets, tmp_path, finetuning_type=spelling)
+    with pytest.raises(ValueError, match=r"must be one of \['lora', 'oft', 'freeze', 'full', 'aira_moe'\], got 'loar'"):
+        parse_train(assets, tmp_path, finetuning_type="loar")
+
+
+def test_aira_moe_keys_under_another_finetuning_type_are_an_error(assets, tmp_path):
+    # every aira_moe key of ALL_TECHNIQUES left in place under finetuning_type lora: named, not silently ignored
+    with pytest.raises(ValueError, match=r"aira_moe keys \['awsvd_collect_steps', 'max_rank', 'num_A'.*'use_layer_wise_rank'\] are set but "
+                                         r"`finetuning_type` is 'lora'"):
+        parse_train(assets, tmp_path, finetuning_type="lora")
+    lora_only = {key: value for key, value in train_args(assets, tmp_path).items() if key not in ALL_TECHNIQUES}
+    from llamafactory.hparams.parser import get_train_args
+
+    _, _, _, finetuning_args, _ = get_train_args({**lora_only, "finetuning_type": "lora", "lora_rank": 4})
+    assert finetuning_args.finetuning_type == "lora"
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_overwrites_nothing(assets, tmp_path):
+    out = tmp_path / "out"
+    run_cli("train", train_args(assets, out, max_steps=2, save_steps=1, overwrite_output_dir=False), tmp_path)
+    before = {name: (out / name).read_bytes() for name in ("all_results.json", "trainer_state.json", "adapter_model.safetensors")}
+    code, log = run_cli("train", train_args(assets, out, max_steps=2, save_steps=1, overwrite_output_dir=False), tmp_path)
+    assert code == 0 and "is complete (2 of 2 steps)" in log and "overwrite_output_dir: true" in log
+    assert "aira_moe calibration" not in log and "Resuming training" not in log
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # asking for more steps than the finished run made continues it from its last checkpoint
+    code, log = run_cli("train", train_args(assets, out, max_steps=3, save_steps=1, overwrite_output_dir=False), tmp_path)
+    assert "Resuming training" in log and "calibration skipped" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3

@@ -88,6 +88,12 @@ aira_train() {
 
 aira_eval() {  # aira_eval TASK [extra aira-moe eval flags]: score the trained adapter; results in $OUTPUT_DIR/eval_TASK
   local task="$1"; shift
+  local results="$OUTPUT_DIR/eval_$task/results.json"
+  if [[ -f "$results" && " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe: show, keep
+    echo "[aira_moe] $task results exist (pass --overwrite_save_dir to score again): $results"
+    python -c "import json, sys; r = json.load(open(sys.argv[1])); print('%s: accuracy %.2f%% on %d questions' % (r['task'], 100 * r['accuracy'], r['num_questions']))" "$results"
+    return 0
+  fi
   local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --adapter_name_or_path "$OUTPUT_DIR"
                 --finetuning_type aira_moe --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR"
                 --save_dir "$OUTPUT_DIR/eval_$task" "$@")

@@ -1,4 +1,5 @@
-"""``aira-moe`` console command: ``eval`` (multiple-choice evaluator), ``tiny`` (build the tiny default), ``demo``."""
+"""``aira-moe`` console command: ``eval`` (multiple-choice evaluator), ``export-lora`` (standard LoRA for serving),
+``tiny`` (build the tiny default), ``demo``."""
 
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ def parse_eval_args(argv: list[str]):
     parser.add_argument("config", nargs="?", help="YAML file with the arguments below (flags override it).")
     for item in dataclasses.fields(EvalArguments):
         kind = {"int": int, "bool": _parse_bool}.get(str(item.type).replace("Optional[", "").rstrip("]"), str)
-        parser.add_argument(f"--{item.name}", type=kind, default=None, help=item.metadata.get("help"))
+        default = "required" if item.default is dataclasses.MISSING else f"default: {item.default}"
+        help_text = f"{item.metadata.get('help')} ({default})"
+        # a bool works as a bare flag (--overwrite_save_dir) and with a value (--overwrite_save_dir false)
+        extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}
+        parser.add_argument(f"--{item.name}", type=kind, default=None, help=help_text, **extra)
     namespace = parser.parse_args(argv)
     values = {}
     if namespace.config:
@@ -114,19 +119,61 @@ def run_demo(output_dir: str, overwrite: bool) -> dict:
     return scores
 
 
+def run_export_lora(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="aira-moe export-lora",
+        description="Write an aira_moe adapter, exactly, as a standard peft LoRA adapter (peft_type LORA, one r, one "
+                    "lora_alpha) for vLLM / SGLang / TGI multi-LoRA serving on the original base model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--adapter", required=True, help="directory of the saved aira_moe adapter (a training output_dir)")
+    parser.add_argument("--out", required=True, help="directory to write the LoRA adapter to")
+    parser.add_argument("--max_rank", type=int, default=None,
+                        help="refuse (or with --truncate, cut by SVD) a module that needs a higher rank; e.g. the "
+                             "server's --max-lora-rank")
+    parser.add_argument("--truncate", action="store_true", help="with --max_rank: keep the top singular directions and "
+                        "print the relative error instead of refusing")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="dtype of the written weights (default: that of the adapter)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    if args.max_rank is not None and args.max_rank < 1:
+        parser.error(f"--max_rank must be >= 1, got {args.max_rank}")
+    if args.truncate and args.max_rank is None:
+        parser.error("--truncate needs --max_rank")
+    from .export import export_lora
+
+    report = export_lora(args.adapter, args.out, max_rank=args.max_rank, truncate=args.truncate, dtype=args.dtype,
+                         overwrite=args.overwrite)
+    print(f"[aira-moe export-lora] wrote a LoRA adapter with r={report['r']} ({report['modules']} modules, "
+          f"{report['dtype']}) to {report['out_dir']}")
+    for name, error in report["truncated"].items():
+        print(f"[aira-moe export-lora] truncated {name} from rank {report['rank_needed'][name]} to {report['r']}: "
+              f"relative error {error:.3e}")
+    return report
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: aira-moe {eval,tiny,demo} ...\n"
-              "  eval   score a model/adapter on gsm8k, fineval, mmlu_law or mmlu_medicine (aira-moe eval --help)\n"
-              "  tiny   build the tiny default model, tokenizer and data (aira-moe tiny --output_dir DIR)\n"
-              "  demo   train the tiny default with every technique and evaluate it (aira-moe demo --output_dir DIR)")
+        print("usage: aira-moe {eval,export-lora,tiny,demo} ...\n"
+              "  eval         score a model/adapter on gsm8k, fineval, mmlu_law or mmlu_medicine (aira-moe eval --help)\n"
+              "  export-lora  write an aira_moe adapter as a standard LoRA adapter for vLLM / SGLang serving\n"
+              "  tiny         build the tiny default model, tokenizer and data (aira-moe tiny --output_dir DIR)\n"
+              "  demo         train the tiny default with every technique and evaluate it (aira-moe demo --output_dir DIR)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "eval":
         from .evaluation import evaluate
 
         evaluate(parse_eval_args(rest))
+        return 0
+    if command == "export-lora":
+        try:
+            run_export_lora(rest)
+        except (FileNotFoundError, FileExistsError, ValueError) as error:  # user errors: one line, exit 2
+            print(f"aira-moe export-lora: {error}", file=sys.stderr)
+            return 2
         return 0
     if command == "tiny":
         parser = argparse.ArgumentParser(prog="aira-moe tiny")
@@ -149,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         run_demo(args.output_dir, args.overwrite)
         return 0
-    raise SystemExit(f"aira-moe: unknown command {command!r} (eval, tiny, demo)")
+    raise SystemExit(f"aira-moe: unknown command {command!r} (eval, export-lora, tiny, demo)")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,17 @@ class EvalArguments:
     adapter_name_or_path: Optional[str] = field(default=None, metadata={"help": "Adapter path(s), comma-separated."})
     finetuning_type: str = field(default="lora", metadata={"help": f"One of {FINETUNING_TYPES}."})
     task_dir: str = field(default="evaluation", metadata={"help": "Directory with the task files."})
-    n_shot: int = field(default=5, metadata={"help": "Number of dev examples shown before each question."})
+    n_shot: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number of dev examples shown before each question; default: the most every subject's dev "
+                          "split supports, at most 5 (0 for tasks without a dev split)."},
+    )
     lang: str = field(default="en", metadata={"help": "Prompt language: en or zh."})
     batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})
     seed: int = field(default=42, metadata={"help": "Seed of the k-shot example draw."})
-    save_dir: Optional[str] = field(default=None, metadata={"help": "Where results.json is written."})
+    save_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where results.json is written; default: outputs/eval/<task>-<date>-<time>."}
+    )
     overwrite_save_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
@@ -45,7 +51,7 @@ class EvalArguments:
             raise ValueError(f"`finetuning_type` must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
         if self.adapter_name_or_path and self.finetuning_type not in ADAPTER_TYPES:
             raise ValueError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
-        if self.n_shot < 0:
+        if self.n_shot is not None and self.n_shot < 0:
             raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
@@ -54,7 +60,16 @@ class EvalArguments:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
-            raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose another")
+            raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
+                             "another --save_dir")
+
+
+MAX_DEFAULT_SHOTS = 5
+
+
+def default_n_shot(subjects) -> int:
+    """The most k-shot examples every subject's dev split holds, capped at ``MAX_DEFAULT_SHOTS``."""
+    return min(MAX_DEFAULT_SHOTS, min(len(subject.dev) for subject in subjects))
 
 
 def load_model_and_tokenizer(args: EvalArguments):
@@ -83,12 +98,19 @@ def format_table(results: dict) -> str:
 
 
 def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None) -> dict:
-    """Score every question of the task; writes <save_dir>/results.json when save_dir is set. ``model``, ``tokenizer``
+    """Score every question of the task; writes <save_dir>/results.json (a dated directory under outputs/eval by
+    default) and prints its path. ``model``, ``tokenizer``
     and ``encode`` (messages, system -> prompt ids) may be given directly (tests)."""
     from ..integrations.llamafactory import template_prompt_encoder
 
     args.validate()
     subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
+    if args.n_shot is None:
+        args.n_shot = default_n_shot(subjects)
+        print(f"[aira-moe eval] n_shot={args.n_shot} (the most {args.task}'s dev split supports, at most "
+              f"{MAX_DEFAULT_SHOTS})")
+    if args.save_dir is None:
+        args.save_dir = os.path.join("outputs", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}
     if model is None:
         model, tokenizer, device = load_model_and_tokenizer(args)
@@ -122,8 +144,9 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
         "args": asdict(args),
     }
     print(format_table(results))
-    if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
-        with open(os.path.join(args.save_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+    os.makedirs(args.save_dir, exist_ok=True)
+    path = os.path.join(args.save_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"[aira-moe eval] results: {path}")
     return results

@@ -15,6 +15,7 @@ Anything missing raises with the expected LLaMA-Factory version; there is no fal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -22,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .._logging import get_logger
-from .arguments import AiraMoeArguments, parse_rank_budget, peft_config_from_args
+from .arguments import AiraMoeArguments, peft_config_from_args
 
 logger = get_logger()
 
 SUPPORTED_LLAMAFACTORY = ("0.9.5",)
 FINETUNING_TYPE = "aira_moe"
+FINETUNING_TYPES = ("lora", "oft", "freeze", "full", FINETUNING_TYPE)
 _PATCHED_MARK = "__aira_moe_patched__"
 
 
@@ -71,6 +73,7 @@ def _make_arguments_class(base):
 
         def __post_init__(self):
             if not _is_aira_moe(self):
+                _refuse_aira_moe_keys_elsewhere(self)
                 base.__post_init__(self)
                 return
             # LLaMA-Factory's own checks only know its four types; run them as LoRA, then restore the type
@@ -82,12 +85,30 @@ def _make_arguments_class(base):
             if self.pissa_init or self.use_dora or self.loraplus_lr_ratio is not None:
                 raise ValueError("`pissa_init`, `use_dora` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own "
                                  "init (`use_awsvd_init`).")
-            self.rank_budget = parse_rank_budget(self.rank_budget)
-            peft_config_from_args(self)  # validates every aira_moe key, naming it
+            config = peft_config_from_args(self)  # parses and validates every aira_moe key, naming it
+            self.rank_budget = config.rank_budget  # an int or 'auto' from here on (the early budget check reads it)
+            self.activation_normalize = config.activation_normalize
 
     AiraMoeFinetuningArguments.__name__ = "FinetuningArguments"
     AiraMoeFinetuningArguments.__qualname__ = "FinetuningArguments"
     return AiraMoeFinetuningArguments
+
+
+def _refuse_aira_moe_keys_elsewhere(args) -> None:
+    """A near-miss of ``aira_moe`` gets 'did you mean', and aira_moe keys set under another finetuning_type are an
+    error instead of being silently ignored (they would train a plain LoRA with no calibration)."""
+    kind = getattr(args, "finetuning_type", None)
+    if isinstance(kind, str) and kind.strip().lower().replace("-", "_") == FINETUNING_TYPE:
+        raise ValueError(f"`finetuning_type`={kind!r} is not a method; did you mean {FINETUNING_TYPE!r}?")
+    if kind not in FINETUNING_TYPES:  # LLaMA-Factory's own assertion would list the methods without aira_moe
+        raise ValueError(f"`finetuning_type` must be one of {list(FINETUNING_TYPES)}, got {kind!r}.")
+    defaults = {item.name: item.default for item in dataclasses.fields(AiraMoeArguments)}
+    changed = sorted(name for name, default in defaults.items() if getattr(args, name) != default)
+    if changed:
+        raise ValueError(
+            f"aira_moe keys {changed} are set but `finetuning_type` is {kind!r}, which ignores them; set "
+            f"`finetuning_type: {FINETUNING_TYPE}` or remove them."
+        )
 
 
 def _count_decoder_layers(model_name_or_path: str) -> Optional[int]:
@@ -140,6 +161,7 @@ def _patched_check_extra_dependencies(original):
             return
         from transformers.training_args import ParallelMode
 
+        _stop_if_run_is_complete(training_args)
         _state.training_args = training_args
         # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
         # DDP + reentrant checkpointing dies with find_unused_parameters=True
@@ -148,6 +170,39 @@ def _patched_check_extra_dependencies(original):
         training_args.label_names = training_args.label_names or ["labels"]
 
     return check
+
+
+def _completed_run(training_args) -> Optional[dict]:
+    """The trainer state of a finished run in ``output_dir`` that this run would only repeat, else None. A finished
+    run has its adapter, all_results.json and a trainer_state.json with global_step == max_steps; asking for more
+    steps than it ran is a continuation, not a repeat."""
+    directory = training_args.output_dir
+    if (not training_args.do_train or getattr(training_args, "overwrite_output_dir", False)
+            or training_args.resume_from_checkpoint is not None or not os.path.isdir(directory)):
+        return None
+    needed = ("trainer_state.json", "all_results.json", "adapter_config.json")
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in needed):
+        return None
+    with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    done, planned = state.get("global_step", 0), state.get("max_steps", 0)
+    if planned <= 0 or done < planned:
+        return None
+    if training_args.max_steps > 0 and training_args.max_steps > planned:
+        return None
+    return state
+
+
+def _stop_if_run_is_complete(training_args) -> None:
+    state = _completed_run(training_args)
+    if state is None:
+        return
+    logger.warning(
+        "aira_moe: the run in %s is complete (%d of %d steps); nothing is trained and nothing there is overwritten. "
+        "To train again, set `overwrite_output_dir: true` or choose another `output_dir`.",
+        training_args.output_dir, state["global_step"], state["max_steps"],
+    )
+    raise SystemExit(0)
 
 
 def _patched_get_dataset(original):
