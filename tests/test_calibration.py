@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from aira_moe import AiraMoeConfig
 from aira_moe.calibration.allocation import allocate_ranks, check_budget, objective_value
 from aira_moe.calibration.awsvd import awsvd_directions, awsvd_factors, guarded_scale, randomized_svd
-from aira_moe.calibration.pipeline import allocation_units
+from aira_moe.tuner.calibrate import allocation_units
 from aira_moe.calibration.stats import (
     ChannelStats,
     activation_importance,
@@ -129,7 +129,7 @@ def test_calibration_pass_ignores_padding_in_model():
         model = get_peft_model(make_tiny_llama(), AiraMoeConfig(target_modules=["q_proj"], use_activation_aware=True))
         ids = torch.tensor([[5, 6, 7, 8] + [0] * pad, [9, 10, 11, 12] + [0] * pad])
         mask = torch.tensor([[1, 1, 1, 1] + [0] * pad] * 2)
-        from aira_moe.calibration.pipeline import collect_for_model
+        from aira_moe.tuner.calibrate import collect_for_model
 
         return collect_for_model(model.base_model, [{"input_ids": ids, "attention_mask": mask}], "default", max_batches=1)
 
@@ -315,6 +315,28 @@ def test_all_techniques_step0_merge_reload(strategy, mode, tmp_path, input_ids):
         assert torch.allclose(restored(input_ids).logits, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+@pytest.mark.parametrize("awsvd_mode", ["residual", "directions"])
+def test_low_cpu_mem_usage_reload_is_identical(strategy, awsvd_mode, tmp_path, input_ids):
+    """peft builds the adapter on the meta device and assigns the saved tensors: every buffer (channel weights,
+    initial factors, pairing) must arrive, and the residual subtraction must happen once."""
+    config = AiraMoeConfig(**{**TECHNIQUES, "awsvd_mode": awsvd_mode}, cola_strategy=strategy)
+    peft_model = get_peft_model(make_tiny_llama(num_layers=3), config)
+    peft_model.calibrate(random_batches(3))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.02 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        trained = peft_model.eval()(input_ids).logits
+        plain = PeftModel.from_pretrained(make_tiny_llama(num_layers=3), tmp_path).eval()
+        lazy = PeftModel.from_pretrained(make_tiny_llama(num_layers=3), tmp_path, low_cpu_mem_usage=True).eval()
+        assert not any(t.is_meta for t in list(lazy.parameters()) + list(lazy.buffers()))
+        assert torch.allclose(lazy(input_ids).logits, plain(input_ids).logits, atol=1e-6)
+        assert torch.allclose(lazy(input_ids).logits, trained, atol=1e-5)
+
+
 def test_loading_twice_does_not_subtract_twice(tmp_path, input_ids):
     peft_model = get_peft_model(make_tiny_llama(), AiraMoeConfig(**{**TECHNIQUES, "rank_budget": 6}))
     peft_model.calibrate(random_batches(2))
@@ -423,7 +445,7 @@ def test_directions_init_starts_at_zero_update_with_distinct_experts(input_ids, 
     assert "default" not in layer.aira_moe_init_A  # nothing to ship besides A and B
     experts = layer.aira_moe_A["default"]  # (2, 3, 64): the top 6 directions, 3 per expert
     assert not torch.allclose(experts[0], experts[1])
-    from aira_moe.calibration.pipeline import collect_for_model
+    from aira_moe.tuner.calibrate import collect_for_model
 
     stats = collect_for_model(get_peft_model(make_tiny_llama(), AiraMoeConfig(target_modules=["q_proj"])).base_model,
                               batches, "default", max_batches=2)

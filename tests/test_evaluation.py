@@ -22,6 +22,7 @@ class LetterTokenizer:
 
     pad_token_id = 0
     eos_token_id = 0
+    model_max_length = 4096
 
     def encode(self, text, add_special_tokens=False):
         return [ord(ch) for ch in text]
@@ -124,7 +125,8 @@ def test_batched_scores_equal_one_at_a_time(tmp_path):
     assert results[1]["correct"] == results[7]["correct"] and results[1]["num_questions"] == 24
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_EVAL), reason="needs ../shared/data/eval")
+@pytest.mark.skipif(not os.path.isdir(SHARED_EVAL),
+                    reason="needs ../shared/data/eval (the real task files, not shipped with the project)")
 @pytest.mark.parametrize("task,count", [("gsm8k", 1319), ("fineval", 265), ("mmlu_law", 1534 + 108 + 121),
                                         ("mmlu_medicine", 265 + 173 + 272 + 100 + 135)])
 def test_real_task_files_load(task, count):
@@ -181,3 +183,66 @@ def test_help_shows_every_default(capsys):
     for name in ("template", "n_shot", "batch_size", "save_dir", "overwrite_save_dir", "device"):
         assert f"--{name}" in text
     assert "(default: default)" in text and "(default: 4)" in text and "(default: False)" in text
+
+
+class LengthRecorder(RiggedModel):
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        self.lengths.extend(attention_mask.sum(-1).tolist())
+        return super().forward(input_ids, attention_mask, position_ids)
+
+
+def test_long_prompts_drop_shots_first_then_are_cut_from_the_left_and_counted(tmp_path):
+    write_gsm8k(tmp_path, ANSWERS, {3: "pick C " + "very long question " * 40})  # ~800 characters
+    with open(tmp_path / "gsm8k" / "dev.csv", "w", newline="", encoding="cp1252") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+        writer.writerows([i, f"Worked example number {i} " * 4, "1", "2", "3", "4", "B"] for i in range(3))
+    tokenizer = LetterTokenizer()
+    tokenizer.model_max_length = 400  # the bare questions fit (~120 characters with the system line), 3 shots do not
+    model = LengthRecorder()
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=3, batch_size=4,
+                         save_dir=str(tmp_path / "out"))
+    results = evaluate(args, model=model, tokenizer=tokenizer, encode=simple_encode, device="cpu")
+    assert max(model.lengths) <= 400 and len(model.lengths) == 8
+    assert results["prompts_shortened"] == 8 and results["context_length"] == 400
+    # question 3 (answer A) keeps its end ("... Answer:") after the left cut, and no 'pick C' survives in it,
+    # so the rigged model answers A (right); with every question scored, 4 of 8 are A
+    assert results["correct"] == 4
+    unshortened = evaluate(EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=0,
+                                         save_dir=str(tmp_path / "out0")),
+                           model=LengthRecorder(), tokenizer=tokenizer, encode=simple_encode, device="cpu")
+    assert unshortened["prompts_shortened"] == 1  # only the 800-character question
+
+
+def test_custom_mapping_task_is_scored_with_predictions_per_question(tmp_path):
+    root = tmp_path / "my_exam"
+    (root / "dev").mkdir(parents=True)
+    (root / "mapping.json").write_text(json.dumps({"tax_law": {"name": "tax law"}, "audit": {"name": "auditing"}}))
+    with open(root / "tax_law_test.csv", "w", newline="", encoding="utf-8") as handle:  # ceval-style: header
+        writer = csv.writer(handle)
+        writer.writerow(["id", "question", "A", "B", "C", "D", "answer", "explanation"])
+        writer.writerows([[0, "q0", "a", "b", "c", "d", "A", ""], [1, "pick C", "a", "b", "c", "d", "C", ""],
+                          [2, "q2", "a", "b", "c", "d", "B", ""]])
+    with open(root / "audit_test.csv", "w", newline="", encoding="utf-8") as handle:  # mmlu-style: no header
+        csv.writer(handle).writerows([["q", "a", "b", "c", "d", "D"], ["q", "a", "b", "c", "d", "A"]])
+    with open(root / "dev" / "audit_dev.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["dev q", "a", "b", "c", "d", "B"]])
+    args = EvalArguments(model_name_or_path="rigged", task="my_exam", task_dir=str(tmp_path), n_shot=0,
+                         save_dir=str(tmp_path / "out"))
+    results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert results["per_subject"] == {"audit": {"accuracy": 0.5, "num_questions": 2, "correct": 1},
+                                      "tax_law": {"accuracy": 2 / 3, "num_questions": 3, "correct": 2}}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == results["num_questions"] == 5
+    assert sum(row["gold"] == row["predicted"] for row in rows) == results["correct"] == 3
+    for row in rows:
+        assert max(row["logprobs"], key=row["logprobs"].get) == row["predicted"]
+        assert all(value <= 0.0 for value in row["logprobs"].values())
+    assert [row["predicted"] for row in rows if row["subject"] == "tax_law"] == ["A", "C", "A"]
+    with pytest.raises(ValueError, match="or a directory <task_dir>/<task> with a mapping.json"):
+        EvalArguments(model_name_or_path="rigged", task="absent", task_dir=str(tmp_path)).validate()
+

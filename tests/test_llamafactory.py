@@ -1,10 +1,12 @@
 """End to end through the stock ``llamafactory-cli`` on the tiny random Llama (CPU, no network)."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -252,6 +254,55 @@ def test_near_miss_finetuning_type_gets_did_you_mean(assets, tmp_path, spelling)
         parse_train(assets, tmp_path, finetuning_type=spelling)
     with pytest.raises(ValueError, match=r"must be one of \['lora', 'oft', 'freeze', 'full', 'aira_moe'\], got 'loar'"):
         parse_train(assets, tmp_path, finetuning_type="loar")
+
+
+def test_dpo_uses_the_disabled_adapter_as_reference_not_a_model_copy(assets, tmp_path):
+    from aira_moe.tiny import colour_items, mc_prompt
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [{"instruction": mc_prompt(item), "input": "", "chosen": item["answer"],
+             "rejected": "ABCD"[("ABCD".index(item["answer"]) + 1) % 4]} for item in colour_items(32, seed=5)]
+    (data_dir / "pairs.json").write_text(json.dumps(rows))
+    (data_dir / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True, "columns": {
+        "prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}))
+    out = tmp_path / "dpo"
+    args = train_args(assets, out, stage="dpo", dataset="pairs", dataset_dir=str(data_dir), max_steps=2, save_steps=2,
+                      per_device_train_batch_size=4, pref_beta=0.1, rank_budget=8, min_rank=1, max_rank=4)
+    _, log = run_cli("train", args, tmp_path)
+    assert "the reference model is the base model with the adapter disabled" in log
+    assert "Created reference model" not in log
+    assert (out / "adapter_model.safetensors").is_file()
+    losses = logged_losses(out)
+    assert len(losses) == 2 and abs(losses[0] - math.log(2)) < 1e-3  # step 1: policy == reference, loss = log 2
+
+
+def test_unsupported_llamafactory_leaves_lora_working_and_names_versions_for_aira_moe(assets, tmp_path):
+    """The start-up hook on an LLaMA-Factory outside the tested range (faked by narrowing the table before import):
+    a warning, a stock lora parse that works, and aira_moe refused at parsing with both versions named."""
+    lora = {key: value for key, value in train_args(assets, tmp_path / "out").items() if key not in ALL_TECHNIQUES}
+    lora.update(finetuning_type="lora", lora_rank=4, lora_target="all")
+    script = textwrap.dedent(f"""
+        import json, warnings
+        import aira_moe_startup
+        aira_moe_startup.SUPPORTED["llamafactory"] = ("0.0.1", "0.0.2")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import llamafactory
+        assert any("aira_moe is not registered" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        from llamafactory.hparams import get_train_args
+        args = json.loads({json.dumps(json.dumps(lora))})
+        assert get_train_args(args)[3].finetuning_type == "lora"
+        try:
+            get_train_args({{**args, "finetuning_type": "aira_moe"}})
+        except ValueError as error:
+            print("REFUSED", error)
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "AIRA_MOE_DISABLE_STARTUP"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"REFUSED `finetuning_type: aira_moe`: aira_moe supports llamafactory >= 0\.0\.1, < 0\.0\.2; "
+                     r"the installed llamafactory is 0\.9\.5", result.stdout), result.stdout[-2000:]
 
 
 def test_aira_moe_keys_under_another_finetuning_type_are_an_error(assets, tmp_path):

@@ -135,6 +135,36 @@ def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
     assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
 
 
+def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
+    pytest.importorskip("llamafactory")
+    env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(tmp_path / "run")}
+    result = subprocess.run([os.path.join(SCRIPTS, "math.sh"), "rank_budget=3"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("aira-moe")]
+    assert errors == ["aira-moe check: `rank_budget`=3 cannot be met by 4 layers with `min_rank`=2 and `max_rank`=8: "
+                      "it must lie in [8, 32] (num_layers * min_rank, num_layers * max_rank)."]
+    for launched in ("Traceback", "ChildFailedError", "torch.distributed", "Running tokenizer"):
+        assert launched not in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dataset=gsm8k,nope", r"`dataset` 'nope' is not registered in .*dataset_info.json \(known: .*gsm8k"),
+    ("adapter_name_or_path=saves/aira_moe/absent", r"no adapter at saves/aira_moe/absent"),
+    ("cola_strategy=nested", r"`cola_strategy` must be one of \['full', 'heuristic', 'random'\], got 'nested'"),
+])
+def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
+    pytest.importorskip("llamafactory")
+    result = subprocess.run(["aira-moe", "check", os.path.join(REPO, "configs", "math.yaml"), "bf16=false",
+                             f"output_dir={tmp_path / 'out'}", f"dataset_dir={os.path.join(REPO, 'data')}", override],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("aira-moe check:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()

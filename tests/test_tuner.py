@@ -274,16 +274,79 @@ def test_registration_is_idempotent():
     from aira_moe.tuner import _register
     from aira_moe.tuner._registry import ensure_peft_type
 
-    _register()
-    assert ensure_peft_type() is ensure_peft_type()
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils.peft_types import PeftType
+
+    for _ in range(2):  # a second registration would make peft raise "already registered"
+        _register()
+        ensure_peft_type()
+    assert PeftType._member_names_.count("AIRA_MOE") == 1 and list(PeftType).count(PeftType.AIRA_MOE) == 1
+    assert PeftType("AIRA_MOE") is PeftType.AIRA_MOE is ensure_peft_type()
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.AIRA_MOE].__name__ == "AiraMoeModel"
 
 
-def test_forward_has_no_python_loop_over_pairs():
-    """The collapsed form's cost does not grow with num_A * num_B: 'full' always runs one LoRA-sized GEMM pair."""
-    model = wrap(make_tiny_llama(), num_A=4, num_B=6)
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    factor_A, factor_B = layer._factors("default", training=True)
-    assert factor_A.shape == (4, 64) and factor_B.shape == (64, 4)
+class _TokenGemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products whose operand has one row per token: the work that grows with the batch."""
+
+    GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens, self.count = tokens, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.GEMMS and any(isinstance(a, torch.Tensor) and self.tokens in a.shape[:-1] for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+def test_forward_has_no_python_loop_over_pairs(strategy):
+    """The experts are folded in weight space: the token-sized GEMMs are the base layer's one plus the adapter's
+    two, whatever num_A and num_B (a loop over pairs would run num_A * num_B or more)."""
+    x = torch.randn(2, 7, 64)
+    counts = {}
+    for num_A, num_B in ((1, 1), (4, 6)):
+        layer = wrap(make_tiny_llama(), num_A=num_A, num_B=num_B, cola_strategy=strategy).base_model.model.model.layers[0].self_attn.q_proj
+        layer.train()
+        with _TokenGemmCounter(tokens=14) as counter:
+            layer(x)
+        counts[(num_A, num_B)] = counter.count
+    assert counts == {(1, 1): 3, (4, 6): 3}, counts
+
+
+def test_unsupported_peft_breaks_only_aira_moe():
+    """The start-up hook on a peft outside the tested range (faked by narrowing the table before import): peft and
+    LoRA work, nothing is registered, and `import aira_moe` fails naming both versions."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import aira_moe_startup
+        aira_moe_startup.SUPPORTED["peft"] = ("0.0.1", "0.0.2")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import peft
+        assert "aira_moe" not in __import__("sys").modules
+        assert any("aira_moe is not registered" in str(w.message) for w in caught)
+        import torch
+        model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), peft.LoraConfig(r=2, target_modules=["0"]))
+        assert model(torch.ones(1, 4)).shape == (1, 4)
+        try:
+            import aira_moe
+        except ImportError as error:
+            print("REFUSED", error)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AIRA_MOE_DISABLE_STARTUP"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"REFUSED aira_moe supports peft >= 0.0.1, < 0.0.2; the installed peft is {peft_version()}." in result.stdout
+
+
+def peft_version():
+    import peft
+
+    return peft.__version__
 
 
 def test_startup_hook_registers_with_plain_peft_import(tmp_path, input_ids):

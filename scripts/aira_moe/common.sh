@@ -79,6 +79,8 @@ aira_train() {
   if [[ "${DRY_RUN:-0}" == "1" ]]; then
     return 0
   fi
+  # validate the whole config here, before torchrun: a bad value is one line and exit 2, not a trace per worker
+  LLAMAFACTORY_VERBOSITY=WARN aira-moe check "$CONFIG" "${OVERRIDES[@]}" || exit $?
   if [[ "${TINY:-0}" == "1" ]]; then
     env FORCE_TORCHRUN=1 CUDA_VISIBLE_DEVICES= "${cmd[@]}"
   else

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# aira_moe recipe "math": GSM8K (multiple choice), every technique, lod_threshold_M=2.5, 150 calibration batches.
+# aira_moe recipe "math": GSM8K (multiple choice), every technique, 150 calibration batches.
 # Settings: configs/math.yaml. Runs on 2 GPUs by default with torchrun + DeepSpeed ZeRO-2.
 # Usage: ./scripts/aira_moe/math.sh [key=value ...]     (any cwd)
 #        TINY=1 ./scripts/aira_moe/math.sh              (tiny default on CPU, ~1 minute)

@@ -34,10 +34,12 @@ DEMO_TRAIN = {
     "cutoff_len": 128,
     "overwrite_cache": True,
     "per_device_train_batch_size": 16,
-    "learning_rate": 5.0e-3,
-    "num_train_epochs": 4,
-    "lr_scheduler_type": "cosine",
-    "logging_steps": 8,
+    # CoLA 2x3 `full` moves sum(A) and sum(B) num_A and num_B times faster than one LoRA pair: a LoRA-sized rate
+    # does not learn on the tiny model; 1e-3 x 24 epochs (384 steps) learns the colour table
+    "learning_rate": 1.0e-3,
+    "num_train_epochs": 24,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 16,
     "save_strategy": "no",
     "plot_loss": True,
     "report_to": "none",
@@ -89,32 +91,52 @@ def parse_eval_args(argv: list[str]):
 
 def run_demo(output_dir: str, overwrite: bool) -> dict:
     """Tiny default end to end: build assets, train with every technique via the stock llamafactory-cli, then score the
-    base model and the adapter on the held-out synthetic questions."""
+    base model and the adapter on the held-out synthetic questions. LLaMA-Factory's own output goes to train.log."""
     import yaml
+    from transformers.utils import logging as transformers_logging
 
     from .evaluation import EvalArguments, evaluate
     from .tiny import build_tiny_assets
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars for a 2-layer model are noise here
     train_dir = os.path.join(output_dir, "train")
     if os.path.exists(train_dir):
         if not overwrite:
             raise SystemExit(f"aira-moe demo: {train_dir} exists; pass --overwrite or another --output_dir")
         shutil.rmtree(train_dir)
-    assets = build_tiny_assets(os.path.join(output_dir, "assets"))
+    try:
+        assets = build_tiny_assets(os.path.join(output_dir, "assets"))
+    except ValueError as error:
+        raise SystemExit(f"aira-moe demo: {error}") from None
     config = {**DEMO_TRAIN, "model_name_or_path": assets["model"], "dataset": assets["dataset"],
               "dataset_dir": assets["dataset_dir"], "output_dir": train_dir}
     config_path = os.path.join(output_dir, "demo_train.yaml")
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle)
-    print(f"[aira-moe demo] llamafactory-cli train {config_path}", flush=True)
-    subprocess.run(["llamafactory-cli", "train", config_path], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    log_path = os.path.join(output_dir, "train.log")
+    print(f"[aira-moe demo] llamafactory-cli train {config_path}  (output: {log_path})", flush=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        finished = subprocess.run(["llamafactory-cli", "train", config_path], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if finished.returncode != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            tail = log.read().splitlines()[-25:]
+        raise SystemExit("\n".join(tail) + f"\naira-moe demo: llamafactory-cli train failed (exit {finished.returncode}); "
+                         f"full output in {log_path}")
+    with open(os.path.join(train_dir, "aira_moe_allocation.json"), encoding="utf-8") as handle:
+        allocation = json.load(handle)
+    with open(os.path.join(train_dir, "train_results.json"), encoding="utf-8") as handle:
+        train_loss = json.load(handle)["train_loss"]
+    ranks = [row["rank"] for row in allocation["layers"]]
+    print(f"[aira-moe demo] layer ranks {ranks}; mean train loss {train_loss:.3f}", flush=True)
     scores = {}
     for label, adapter in (("base", None), ("aira_moe", train_dir)):
         args = EvalArguments(model_name_or_path=assets["model"], adapter_name_or_path=adapter, finetuning_type="aira_moe",
-                             template="default", task="gsm8k", task_dir=assets["task_dir"], n_shot=0, batch_size=32,
+                             template="default", task="fineval", task_dir=assets["task_dir"], n_shot=0, batch_size=32,
                              save_dir=os.path.join(output_dir, f"eval_{label}"), overwrite_save_dir=True, device="cpu")
-        scores[label] = evaluate(args)["accuracy"]
-    print(f"[aira-moe demo] accuracy on {assets['task_dir']}: base {scores['base']:.3f} -> aira_moe {scores['aira_moe']:.3f}")
+        scores[label] = evaluate(args, quiet=True)["accuracy"]
+    print(f"[aira-moe demo] accuracy on the held-out colour questions: base {scores['base']:.3f} -> "
+          f"aira_moe {scores['aira_moe']:.3f}")
     print(f"[aira-moe demo] adapter, allocation report and loss plot in {train_dir}")
     return scores
 
@@ -153,10 +175,39 @@ def run_export_lora(argv: list[str]) -> dict:
     return report
 
 
+def run_check(argv: list[str]) -> int:
+    """``aira-moe check CONFIG [key=value ...]``: the config as ``llamafactory-cli train`` reads it (OmegaConf merge
+    of the file and the overrides), validated in this process; a user error prints one line and exits 2."""
+    if not argv or argv[0] in ("-h", "--help") or not argv[0].endswith((".yaml", ".yml", ".json")):
+        print("usage: aira-moe check CONFIG.yaml [key=value ...]  (the arguments of llamafactory-cli train)",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from omegaconf import OmegaConf
+
+    from .integrations.llamafactory import check_train_config
+
+    try:
+        if not os.path.isfile(argv[0]):
+            raise FileNotFoundError(f"no config file {argv[0]}")
+        if argv[0].endswith(".json"):
+            with open(argv[0], encoding="utf-8") as handle:
+                loaded = OmegaConf.create(json.load(handle))
+        else:
+            loaded = OmegaConf.load(argv[0])
+        args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[1:])))
+        summary = check_train_config(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"aira-moe check: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"[aira-moe check] {argv[0]}: ok ({summary})")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: aira-moe {eval,export-lora,tiny,demo} ...\n"
+        print("usage: aira-moe {check,eval,export-lora,tiny,demo} ...\n"
+              "  check        validate a llamafactory-cli train config (+ key=value overrides) before launching it\n"
               "  eval         score a model/adapter on gsm8k, fineval, mmlu_law or mmlu_medicine (aira-moe eval --help)\n"
               "  export-lora  write an aira_moe adapter as a standard LoRA adapter for vLLM / SGLang serving\n"
               "  tiny         build the tiny default model, tokenizer and data (aira-moe tiny --output_dir DIR)\n"
@@ -165,9 +216,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "eval":
         from .evaluation import evaluate
+        from .evaluation.tasks import load_task
 
-        evaluate(parse_eval_args(rest))
+        args = parse_eval_args(rest)
+        try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
+            args.validate()
+            load_task(args.task, args.task_dir)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"aira-moe eval: {error}", file=sys.stderr)
+            return 2
+        evaluate(args)
         return 0
+    if command == "check":
+        return run_check(rest)
     if command == "export-lora":
         try:
             run_export_lora(rest)
@@ -183,7 +244,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         from .tiny import build_tiny_assets
 
-        paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
+        try:
+            paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
+        except ValueError as error:
+            print(f"aira-moe tiny: {error}", file=sys.stderr)
+            return 2
         if args.shell:
             print("\n".join(f"TINY_{key.upper()}={shlex.quote(value)}" for key, value in paths.items()))
         else:
@@ -196,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         run_demo(args.output_dir, args.overwrite)
         return 0
-    raise SystemExit(f"aira-moe: unknown command {command!r} (eval, export-lora, tiny, demo)")
+    raise SystemExit(f"aira-moe: unknown command {command!r} (check, eval, export-lora, tiny, demo)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Calibration batches from a tokenised training split (rows with ``input_ids``), sharded by data-parallel rank."""
+"""Calibration batches from a tokenised training split, sharded by data-parallel rank. Rows hold ``input_ids`` (sft,
+pt, kto) or, for pairwise data (dpo, rm), ``chosen_input_ids``: the prompt with its preferred answer."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ from typing import Iterable, Iterator
 import torch
 
 
+SEQUENCE_KEYS = ("input_ids", "chosen_input_ids")
+
+
+def sequence_key(row: dict) -> str:
+    """The column holding the token ids to calibrate on (the first of SEQUENCE_KEYS the row has)."""
+    for key in SEQUENCE_KEYS:
+        if key in row:
+            return key
+    raise ValueError(f"calibration rows need one of {list(SEQUENCE_KEYS)}; this dataset's rows have {sorted(row)}")
+
+
 def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` to the longest row; attention_mask marks the real tokens."""
-    length = max(len(row["input_ids"]) for row in rows)
+    """Right-pad each row's token ids to the longest row; attention_mask marks the real tokens."""
+    key = sequence_key(rows[0])
+    length = max(len(row[key]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        ids = torch.as_tensor(row[key], dtype=torch.long)
         input_ids[i, : len(ids)] = ids
         attention_mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..adapter_paths import require_adapter_dirs
 from .prompts import build_messages, select_shots
-from .scoring import choice_token_ids, predict_letters
-from .tasks import TASKS, load_task
+from .scoring import choice_token_ids, fit_prompt, score_choices
+from .tasks import LETTERS, TASKS, load_task, task_exists
 
 ADAPTER_TYPES = ("lora", "aira_moe", "oft")
 FINETUNING_TYPES = ADAPTER_TYPES + ("full", "freeze")
@@ -24,7 +25,8 @@ class EvalArguments:
     """The arguments of the old ``llamafactory-cli eval``, plus overwrite/dtype/device."""
 
     model_name_or_path: str = field(metadata={"help": "Base (or merged) model path."})
-    task: str = field(metadata={"help": f"One of {sorted(TASKS)}."})
+    task: str = field(metadata={"help": f"One of {sorted(TASKS)}, or any <task_dir>/<task> with a mapping.json "
+                                        "(the old llamafactory-cli eval layout: mmlu, cmmlu, ceval)."})
     template: str = field(default="default", metadata={"help": "LLaMA-Factory chat template used to build prompts."})
     adapter_name_or_path: Optional[str] = field(default=None, metadata={"help": "Adapter path(s), comma-separated."})
     finetuning_type: str = field(default="lora", metadata={"help": f"One of {FINETUNING_TYPES}."})
@@ -45,12 +47,14 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {self.task!r}")
+        if not task_exists(self.task, self.task_dir):
+            raise ValueError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a "
+                             f"mapping.json; got {self.task!r} with task_dir {self.task_dir!r}")
         if self.finetuning_type not in FINETUNING_TYPES:
             raise ValueError(f"`finetuning_type` must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
         if self.adapter_name_or_path and self.finetuning_type not in ADAPTER_TYPES:
             raise ValueError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
+        require_adapter_dirs(self.adapter_name_or_path)
         if self.n_shot is not None and self.n_shot < 0:
             raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
         if self.batch_size < 1:
@@ -89,6 +93,42 @@ def load_model_and_tokenizer(args: EvalArguments):
     return model.to(device).eval(), tokenizer, device
 
 
+def template_prompt_encoder(tokenizer, template_name: str):
+    """(messages, system) -> prompt token ids, encoded with LLaMA-Factory's chat template ``template_name`` exactly as
+    training encoded prompts (the last assistant turn is the answer and is not part of the prompt)."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name))
+
+    def encode(messages: list[dict], system: Optional[str]) -> list[int]:
+        prompt_ids, _ = template.encode_oneturn(tokenizer, messages, system)
+        return prompt_ids
+
+    return encode
+
+
+def question_prompt(encode, subject, question, shots: list, lang: str, limit: int) -> tuple[list[int], bool]:
+    """Prompt ids of one question within ``limit`` tokens, and whether it had to be shortened (see fit_prompt)."""
+
+    def encode_with(kept: int) -> list[int]:
+        system, messages = build_messages(subject, question, shots[len(shots) - kept:] if kept else [], lang)
+        return encode(messages, system)
+
+    return fit_prompt(encode_with, len(shots), limit)
+
+
+def context_length(model, tokenizer) -> int:
+    """Positions the model was built for (config.max_position_embeddings), or the tokenizer's model_max_length when
+    the config has none; a prompt longer than this is shortened."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is None:
+        positions = getattr(tokenizer, "model_max_length", None)
+    if positions is None or positions > 10**7:  # tokenizers without a limit report ~1e30
+        raise ValueError("cannot tell the model's context length (no max_position_embeddings or model_max_length)")
+    return int(positions)
+
+
 def format_table(results: dict) -> str:
     lines = [f"{'subject':<48} {'n':>6} {'accuracy':>9}"]
     for name, row in results["per_subject"].items():
@@ -97,12 +137,10 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None) -> dict:
+def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None, quiet: bool = False) -> dict:
     """Score every question of the task; writes <save_dir>/results.json (a dated directory under outputs/eval by
-    default) and prints its path. ``model``, ``tokenizer``
+    default) and prints its path and a table (not with ``quiet``). ``model``, ``tokenizer``
     and ``encode`` (messages, system -> prompt ids) may be given directly (tests)."""
-    from ..integrations.llamafactory import template_prompt_encoder
-
     args.validate()
     subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
     if args.n_shot is None:
@@ -117,22 +155,30 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     encode = encode or template_prompt_encoder(tokenizer, args.template)
     choice_ids = choice_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    limit = context_length(model, tokenizer)
     start = time.perf_counter()
     total = sum(len(subject.test) for subject in subjects)
-    per_subject = {}
-    with tqdm(total=total, desc=f"eval {args.task}", unit="q") as progress:
+    per_subject, predictions, shortened = {}, [], 0
+    with tqdm(total=total, desc=f"eval {args.task}", unit="q", disable=quiet) as progress:
         for subject in subjects:
             prompts = []
             for question in subject.test:
-                system, messages = build_messages(subject, question, shots[subject.name], args.lang)
-                prompts.append(encode(messages, system))
-            predicted = predict_letters(model, prompts, choice_ids, args.batch_size, pad_id, device, progress.update)
+                ids, was_shortened = question_prompt(encode, subject, question, shots[subject.name], args.lang, limit)
+                prompts.append(ids)
+                shortened += was_shortened
+            predicted, logprobs = score_choices(model, prompts, choice_ids, args.batch_size, pad_id, device,
+                                                progress.update)
             correct = sum(p == q.answer for p, q in zip(predicted, subject.test))
             per_subject[subject.name] = {
                 "accuracy": correct / len(subject.test),
                 "num_questions": len(subject.test),
                 "correct": correct,
             }
+            predictions.extend(
+                {"id": index, "subject": subject.name, "gold": question.answer, "predicted": letter,
+                 "logprobs": dict(zip(LETTERS, row))}
+                for index, (question, letter, row) in enumerate(zip(subject.test, predicted, logprobs))
+            )
     correct = sum(row["correct"] for row in per_subject.values())
     results = {
         "task": args.task,
@@ -140,13 +186,21 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
         "num_questions": total,
         "correct": correct,
         "per_subject": per_subject,
+        "prompts_shortened": shortened,
+        "context_length": limit,
         "seconds": time.perf_counter() - start,
         "args": asdict(args),
     }
-    print(format_table(results))
     os.makedirs(args.save_dir, exist_ok=True)
     path = os.path.join(args.save_dir, "results.json")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
-    print(f"[aira-moe eval] results: {path}")
+    with open(os.path.join(args.save_dir, "predictions.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in predictions)
+    if not quiet:
+        print(format_table(results))
+        if shortened:
+            print(f"[aira-moe eval] {shortened} of {total} prompts were longer than the model's {limit} positions: "
+                  "few-shot examples dropped first, then cut from the left")
+        print(f"[aira-moe eval] results: {path} (per question: predictions.jsonl)")
     return results

@@ -31,7 +31,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_letters(
+def score_choices(
     model: Callable,
     prompts: list[list[int]],
     choice_ids: list[int],
@@ -39,15 +39,28 @@ def predict_letters(
     pad_id: int,
     device,
     on_batch: Optional[Callable[[int], None]] = None,
-) -> list[str]:
-    """The predicted letter for every prompt."""
-    predictions = []
+) -> tuple[list[str], list[list[float]]]:
+    """For every prompt: the predicted letter (argmax over the letters' next-token logits) and the four letters'
+    log-probabilities under the full next-token distribution."""
+    predictions, logprobs = [], []
     choice_index = torch.as_tensor(choice_ids, device=device)
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(device) for k, v in left_pad(prompts[start:start + batch_size], pad_id).items()}
-        logits = model(**batch).logits[:, -1, :]  # (B, vocab): next token after the prompt
-        best = logits.index_select(-1, choice_index).float().argmax(-1)  # (B,)
-        predictions.extend(LETTERS[i] for i in best.tolist())
+        logits = model(**batch).logits[:, -1, :].float()  # (B, vocab): next token after the prompt
+        letters = torch.log_softmax(logits, dim=-1).index_select(-1, choice_index)  # (B, 4)
+        predictions.extend(LETTERS[i] for i in letters.argmax(-1).tolist())
+        logprobs.extend(letters.tolist())
         if on_batch is not None:
             on_batch(len(batch["input_ids"]))
-    return predictions
+    return predictions, logprobs
+
+
+def fit_prompt(encode_with_shots: Callable[[int], list[int]], n_shot: int, limit: int) -> tuple[list[int], bool]:
+    """The prompt with as many of its ``n_shot`` examples as fit in ``limit`` tokens (the first ones dropped first),
+    cut from the left when even the bare question does not fit (as lm-evaluation-harness does). Returns (ids,
+    whether it was shortened)."""
+    for kept in range(n_shot, -1, -1):
+        ids = encode_with_shots(kept)
+        if len(ids) <= limit:
+            return ids, kept < n_shot
+    return ids[-limit:], True

@@ -110,7 +110,52 @@ TASKS = {
 }
 
 
+def _read_rows_any(path: str) -> list[Question]:
+    """A CSV with or without the header ``[id,]question,A,B,C,D,answer[,explanation]`` (UTF-8, BOM allowed)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        first = next(csv.reader(handle), [])
+    return _read_rows(path, "utf-8-sig", header="question" in [cell.strip().lower() for cell in first])
+
+
+def _split_file(root: str, subject: str, split: str):
+    """<root>/<subject>_<split>.csv or <root>/<split>/<subject>_<split>.csv (LLaMA-Factory's mmlu/cmmlu/ceval)."""
+    for path in (os.path.join(root, f"{subject}_{split}.csv"), os.path.join(root, split, f"{subject}_{split}.csv")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def custom_task_dir(task: str, task_dir: str) -> str:
+    return os.path.join(task_dir, task)
+
+
+def load_custom(task: str, task_dir: str) -> list[Subject]:
+    """Any task in the layout of the old ``llamafactory-cli eval``: <task_dir>/<task>/mapping.json (subject ->
+    {"name": ...}) and per subject <subject>_test.csv (scored; <subject>_val.csv when there is no test file) plus
+    optional <subject>_dev.csv (k-shot), directly or under test/ val/ dev/ folders."""
+    root = custom_task_dir(task, task_dir)
+    mapping = _mapping(os.path.join(root, "mapping.json"))
+    if not mapping:
+        raise FileNotFoundError(f"task {task!r}: no mapping.json in {root} (layout in docs/evaluation.md)")
+    subjects = []
+    for name in sorted(mapping):
+        scored = _split_file(root, name, "test") or _split_file(root, name, "val")
+        if scored is None:
+            raise FileNotFoundError(f"task {task!r}: no {name}_test.csv or {name}_val.csv in {root}")
+        dev_path = _split_file(root, name, "dev")
+        subjects.append(Subject(name, mapping[name].get("name", name.replace("_", " ")), _read_rows_any(scored),
+                                _read_rows_any(dev_path) if dev_path else []))
+    return subjects
+
+
+def task_exists(task: str, task_dir: str) -> bool:
+    return task in TASKS or os.path.isfile(os.path.join(custom_task_dir(task, task_dir), "mapping.json"))
+
+
 def load_task(task: str, task_dir: str) -> list[Subject]:
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}")
-    return TASKS[task](task_dir)
+    if task in TASKS:
+        return TASKS[task](task_dir)
+    if not task_exists(task, task_dir):
+        raise ValueError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a mapping.json; "
+                         f"got {task!r} (no {os.path.join(custom_task_dir(task, task_dir), 'mapping.json')})")
+    return load_custom(task, task_dir)

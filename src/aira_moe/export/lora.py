@@ -109,7 +109,6 @@ def read_aira_moe_adapter(adapter_dir: str):
     """(config, {module name: ModuleAdapter}, {key: tensor} of the other saved weights, e.g. modules_to_save) from a
     saved aira_moe adapter directory. No base model is needed."""
     from ..tuner.config import AiraMoeConfig
-    from ..tuner.model import AiraMoeModel
 
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -130,7 +129,7 @@ def read_aira_moe_adapter(adapter_dir: str):
             other[key] = tensor
     modules = {}
     for name, tensors in grouped.items():
-        layer_kwargs = AiraMoeModel._layer_kwargs(config, name)
+        layer_kwargs = config.layer_kwargs(name)
         rank = tensors["aira_moe_A"].shape[1]
         modules[name] = ModuleAdapter(
             experts_A=tensors["aira_moe_A"],

@@ -8,7 +8,9 @@ workers get it too). It patches, in place and by name:
 * ``parser._check_extra_dependencies``: DDP/label settings LLaMA-Factory applies to LoRA only, and the rank-budget
   check against the model's layer count, before the model is loaded;
 * ``model.adapter.init_adapter`` (and the name imported into ``model.loader``): builds / loads the adapter;
-* ``data.get_dataset``: keeps the tokenised train split for calibration.
+* ``data.get_dataset``: keeps the tokenised train split for calibration;
+* ``train.trainer_utils.create_ref_model``: DPO / KTO / PPO get no second model copy (the adapter is disabled for
+  the reference pass, as for lora).
 Anything missing raises with the expected LLaMA-Factory version; there is no fallback.
 """
 
@@ -19,15 +21,18 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from aira_moe_startup import SUPPORTED, unsupported
+
 from .._logging import get_logger
+from ..adapter_paths import require_adapter_dirs
 from .arguments import AiraMoeArguments, peft_config_from_args
 
 logger = get_logger()
 
-SUPPORTED_LLAMAFACTORY = ("0.9.5",)
 FINETUNING_TYPE = "aira_moe"
 FINETUNING_TYPES = ("lora", "oft", "freeze", "full", FINETUNING_TYPE)
 _PATCHED_MARK = "__aira_moe_patched__"
@@ -47,9 +52,10 @@ _state = _State()
 def _fail(what: str) -> RuntimeError:
     import llamafactory
 
+    low, high = SUPPORTED["llamafactory"]
     return RuntimeError(
         f"aira_moe cannot install into LLaMA-Factory {llamafactory.__version__}: {what} is missing. "
-        f"aira_moe supports llamafactory=={' / '.join(SUPPORTED_LLAMAFACTORY)}; install that version."
+        f"aira_moe supports llamafactory >= {low}, < {high}; install that version."
     )
 
 
@@ -134,11 +140,52 @@ def _check_budget_early(model_args, finetuning_args) -> None:
     check_budget(budget, num_layers, finetuning_args.min_rank, finetuning_args.max_rank)
 
 
+def _check_datasets(args: dict) -> int:
+    """Every name in ``dataset`` / ``eval_dataset`` must be registered in ``dataset_dir``/dataset_info.json."""
+    dataset_dir = args.get("dataset_dir", "data")
+    names = []
+    for key in ("dataset", "eval_dataset"):
+        value = args.get(key) or []
+        names += [(key, name.strip()) for name in (value.split(",") if isinstance(value, str) else value) if name.strip()]
+    if not names or dataset_dir == "ONLINE":
+        return len(names)
+    info_path = os.path.join(dataset_dir, "dataset_info.json")
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(f"no dataset_info.json in `dataset_dir`={os.path.abspath(dataset_dir)!r}")
+    with open(info_path, encoding="utf-8") as handle:
+        known = json.load(handle)
+    for key, name in names:
+        if name not in known:
+            raise ValueError(f"`{key}` {name!r} is not registered in {os.path.abspath(info_path)} "
+                             f"(known: {', '.join(sorted(known))})")
+    return len(names)
+
+
+def check_train_config(args: dict) -> str:
+    """Validate a ``llamafactory-cli train`` config in this process, as its parser will, without loading the model or
+    the data: argument parsing (every aira_moe check included: the rank budget against the model's config.json when
+    it is local), the dataset names against dataset_info.json, adapter paths and the DeepSpeed file. Returns a
+    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun."""
+    from llamafactory.hparams import get_train_args
+
+    datasets = _check_datasets(args)
+    require_adapter_dirs(args.get("adapter_name_or_path"))
+    deepspeed = args.get("deepspeed")
+    if deepspeed and not os.path.isfile(deepspeed):
+        raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
+    # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
+    parsed = {key: value for key, value in args.items() if key != "deepspeed"}
+    _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
+            f"output_dir {training_args.output_dir}")
+
+
 def _patched_verify_model_args(original):
     @functools.wraps(original)
     def verify(model_args, data_args, finetuning_args):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
+        require_adapter_dirs(model_args.adapter_name_or_path)
         if model_args.quantization_bit is not None:
             raise ValueError(
                 f"`quantization_bit`={model_args.quantization_bit} cannot be used with finetuning_type aira_moe: its "
@@ -222,7 +269,7 @@ def _calibration_loader(batch_size: int, max_batches: int):
     import torch
     import torch.distributed as dist
 
-    from ..calibration.collect import distributed_ready
+    from ..tuner.collect import distributed_ready
     from ..calibration.data import calibration_batches
 
     if _state.train_dataset is None:
@@ -300,6 +347,18 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     return model
 
 
+def _patched_create_ref_model(original):
+    @functools.wraps(original)
+    def create_ref_model(model_args, finetuning_args, add_valuehead=False):
+        if _is_aira_moe(finetuning_args) and finetuning_args.ref_model is None:
+            # as for lora: the trainers run the reference pass with the adapter disabled, no second model copy
+            logger.info("aira_moe: the reference model is the base model with the adapter disabled (no copy).")
+            return None
+        return original(model_args, finetuning_args, add_valuehead)
+
+    return create_ref_model
+
+
 def _patched_init_adapter(original):
     @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
@@ -325,14 +384,16 @@ def install() -> None:
     """Patch LLaMA-Factory (idempotent). Raises if the installed version lacks what is patched."""
     import llamafactory
 
-    if llamafactory.__version__ not in SUPPORTED_LLAMAFACTORY:
-        raise _fail(f"a tested version (found {llamafactory.__version__})")
+    problem = unsupported("llamafactory", llamafactory.__version__)
+    if problem is not None:
+        raise RuntimeError(f"{problem}.")
     import llamafactory.data as lf_data
     import llamafactory.data.loader as lf_data_loader
     import llamafactory.hparams as lf_hparams
     import llamafactory.hparams.parser as lf_parser
     import llamafactory.model.adapter as lf_adapter
     import llamafactory.model.loader as lf_loader
+    import llamafactory.train.trainer_utils as lf_trainer_utils
 
     original_args = lf_hparams.FinetuningArguments
     if not getattr(original_args, _PATCHED_MARK, False):
@@ -352,18 +413,8 @@ def install() -> None:
     lf_loader.init_adapter = lf_adapter.init_adapter  # loader imported the name at its import
     _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
     lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data
-
-
-def template_prompt_encoder(tokenizer, template_name: str):
-    """(messages, system) -> prompt token ids, encoded with LLaMA-Factory's chat template ``template_name`` exactly as
-    training encoded prompts (the last assistant turn is the answer and is not part of the prompt)."""
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments
-
-    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name))
-
-    def encode(messages: list[dict], system: Optional[str]) -> list[int]:
-        prompt_ids, _ = template.encode_oneturn(tokenizer, messages, system)
-        return prompt_ids
-
-    return encode
+    _replace(lf_trainer_utils, "create_ref_model", _patched_create_ref_model)
+    for workflow in ("dpo", "kto", "ppo"):  # they import the name; those imported before this point get it here
+        module = sys.modules.get(f"llamafactory.train.{workflow}.workflow")
+        if module is not None:
+            module.create_ref_model = lf_trainer_utils.create_ref_model

@@ -7,20 +7,17 @@ unknown types, so a third-party method has to add its member first. This is the 
 from __future__ import annotations
 
 import peft
-from packaging.version import Version
+from aira_moe_startup import unsupported
 from peft.utils.peft_types import PeftType
 
 PEFT_TYPE_NAME = "AIRA_MOE"
-SUPPORTED_PEFT = (Version("0.18.0"), Version("0.22.0"))  # [min, max)
 
 
 def ensure_peft_type() -> PeftType:
     """Return ``PeftType.AIRA_MOE``, adding the member on first call (idempotent)."""
-    installed = Version(peft.__version__)
-    if not (SUPPORTED_PEFT[0] <= installed < SUPPORTED_PEFT[1]):
-        raise ImportError(
-            f"aira_moe supports peft >= {SUPPORTED_PEFT[0]}, < {SUPPORTED_PEFT[1]}; found peft {peft.__version__}."
-        )
+    problem = unsupported("peft", peft.__version__)  # the tested range lives in aira_moe_startup.SUPPORTED
+    if problem is not None:
+        raise ImportError(f"{problem}.")
     existing = PeftType.__members__.get(PEFT_TYPE_NAME)
     if existing is not None:
         return existing

@@ -34,6 +34,14 @@ def _require_at_least(name: str, value, minimum) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
+def lookup_pattern(pattern: dict, module_name: str, default):
+    """Value of ``pattern`` for ``module_name``: an exact key, else the longest key that is a dotted suffix of it."""
+    if module_name in pattern:
+        return pattern[module_name]
+    matches = [key for key in pattern if module_name.endswith("." + key)]
+    return pattern[max(matches, key=len)] if matches else default
+
+
 @dataclass
 class AiraMoeConfig(PeftConfig):
     """Configuration of an AiraMoe adapter: CoLA's collaborative low-rank experts (``num_A`` down-projections and
@@ -243,6 +251,24 @@ class AiraMoeConfig(PeftConfig):
             _require_at_least(f"rank_pattern[{name!r}]", rank, 1)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
+
+    def layer_kwargs(self, module_name: str) -> dict:
+        """The ``update_layer`` arguments of one adapted module: its rank and alpha (rank_pattern / alpha_pattern)
+        and the options every module shares."""
+        return {
+            "r": lookup_pattern(self.rank_pattern, module_name, self.r),
+            "lora_alpha": lookup_pattern(self.alpha_pattern, module_name, self.lora_alpha),
+            "lora_dropout": self.lora_dropout,
+            "num_A": self.num_A,
+            "num_B": self.num_B,
+            "cola_strategy": self.cola_strategy,
+            "cola_seed": self.cola_seed,
+            "use_rslora": self.use_rslora,
+            "scaling_rank": self.r if self.layer_scaling == "base" else None,
+            "init_weights": self.init_weights,
+            "activation_mode": self.activation_aware_mode if self.use_activation_aware else None,
+            "with_initial_factors": self.use_awsvd_init and self.awsvd_mode == "residual",
+        }
 
     @property
     def needs_calibration(self) -> bool:

@@ -323,14 +323,15 @@ class Linear(nn.Module, AiraMoeLayer):
             return
         for name in ("aira_moe_A", "aira_moe_B"):
             table = getattr(self, name)
-            if adapter_name in table:
+            # low_cpu_mem_usage: peft built the adapter on the meta device; loading assigns the real tensors
+            if adapter_name in table and not table[adapter_name].is_meta:
                 table[adapter_name] = nn.Parameter(
                     table[adapter_name].data.to(device, dtype=weight.dtype if weight.dtype.is_floating_point else None),
                     requires_grad=table[adapter_name].requires_grad,
                 )
         for name in ("aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B", "aira_moe_pairing"):
             table = getattr(self, name)
-            if adapter_name in table:
+            if adapter_name in table and not table[adapter_name].is_meta:
                 table[adapter_name] = table[adapter_name].to(device)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -12,14 +12,6 @@ from .config import AiraMoeConfig
 from .layer import AiraMoeLayer, Linear, StepCounter
 
 
-def lookup_pattern(pattern: dict, module_name: str, default):
-    """Value of ``pattern`` for ``module_name``: an exact key, else the longest key that is a dotted suffix of it."""
-    if module_name in pattern:
-        return pattern[module_name]
-    matches = [key for key in pattern if module_name.endswith("." + key)]
-    return pattern[max(matches, key=len)] if matches else default
-
-
 class AiraMoeModel(BaseTuner):
     """Wraps a transformers model with AiraMoe adapters; see ``AiraMoeConfig``.
 
@@ -60,7 +52,7 @@ class AiraMoeModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        update_kwargs = self._layer_kwargs(config, current_key)
+        update_kwargs = config.layer_kwargs(current_key)
         if isinstance(target, AiraMoeLayer):
             target.update_layer(adapter_name, **update_kwargs)
             return
@@ -68,23 +60,6 @@ class AiraMoeModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
-
-    @staticmethod
-    def _layer_kwargs(config: AiraMoeConfig, module_name: str) -> dict:
-        return {
-            "r": lookup_pattern(config.rank_pattern, module_name, config.r),
-            "lora_alpha": lookup_pattern(config.alpha_pattern, module_name, config.lora_alpha),
-            "lora_dropout": config.lora_dropout,
-            "num_A": config.num_A,
-            "num_B": config.num_B,
-            "cola_strategy": config.cola_strategy,
-            "cola_seed": config.cola_seed,
-            "use_rslora": config.use_rslora,
-            "scaling_rank": config.r if config.layer_scaling == "base" else None,
-            "init_weights": config.init_weights,
-            "activation_mode": config.activation_aware_mode if config.use_activation_aware else None,
-            "with_initial_factors": config.use_awsvd_init and config.awsvd_mode == "residual",
-        }
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, current_key, step_counter, **update_kwargs) -> nn.Module:
@@ -127,13 +102,13 @@ class AiraMoeModel(BaseTuner):
             if isinstance(module, AiraMoeLayer) and adapter_name in module.aira_moe_A
         }
 
-    # ------------------------------------------------------------------ calibration API (see aira_moe.calibration)
+    # ------------------------------------------------------------------ calibration API (see tuner/calibrate.py)
 
     def compute_layer_importance(
         self, loader: Iterable[dict], max_samples: int = 1000, adapter_name: Optional[str] = None
     ) -> dict[str, float]:
         """Run a calibration pass over at most ``max_samples`` sequences and return theta per allocation unit."""
-        from ..calibration.pipeline import collect_for_model, layer_importance
+        from .calibrate import collect_for_model, layer_importance
 
         adapter_name = adapter_name or self.active_adapters[0]
         stats = collect_for_model(self, loader, adapter_name, max_batches=None, max_samples=max_samples)
@@ -143,14 +118,14 @@ class AiraMoeModel(BaseTuner):
         self, importance: dict[str, float], objective_function: Optional[str] = None, adapter_name: Optional[str] = None
     ) -> dict[str, int]:
         """Solve the rank allocation exactly for the given importance; returns rank per allocation unit."""
-        from ..calibration.pipeline import solve_allocation
+        from .calibrate import solve_allocation
 
         adapter_name = adapter_name or self.active_adapters[0]
         return solve_allocation(self.peft_config[adapter_name], importance, objective_function)
 
     def apply_layer_wise_ranks(self, allocation: dict[str, int], adapter_name: Optional[str] = None) -> dict[str, int]:
         """Rebuild every adapted module with the rank of its allocation unit; records the result in ``rank_pattern``."""
-        from ..calibration.pipeline import apply_allocation
+        from .calibrate import apply_allocation
 
         adapter_name = adapter_name or self.active_adapters[0]
         return apply_allocation(self, allocation, adapter_name)
@@ -183,7 +158,7 @@ class AiraMoeModel(BaseTuner):
     ):
         """One calibration pass (``max_batches`` or ``awsvd_collect_steps`` batches), then every technique enabled in
         the config: layer-wise ranks, AwSVD initialisation, activation-aware weighting. Returns the report."""
-        from ..calibration.pipeline import calibrate_model
+        from .calibrate import calibrate_model
 
         adapter_name = adapter_name or self.active_adapters[0]
         return calibrate_model(self, loader, adapter_name, max_batches=max_batches, report_dir=report_dir)

@@ -1,4 +1,7 @@
-"""Calibration of an AiraMoe model: one pass, then allocation, weighting and AwSVD, identical on every rank."""
+"""Calibration of an AiraMoe model: one pass, then allocation, weighting and AwSVD, identical on every rank.
+
+The model-aware orchestration lives beside the tuner (as peft keeps lora/eva.py beside LoraModel); the math it
+uses is in ``aira_moe.calibration``, which imports nothing else from the package."""
 
 from __future__ import annotations
 
@@ -12,11 +15,18 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from .._zero import gathered
-from .allocation import allocate_ranks, check_budget, resolve_budget
-from .awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
+from ..calibration.allocation import allocate_ranks, check_budget, resolve_budget
+from ..calibration.awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
+from ..calibration.report import build_report, format_table, write_report
+from ..calibration.stats import (
+    ChannelStats,
+    activation_importance,
+    channel_scores,
+    input_channel_norms,
+    input_rms,
+    lod_score,
+)
 from .collect import broadcast_from_main, is_main_process, run_calibration_pass
-from .report import build_report, format_table, write_report
-from .stats import ChannelStats, activation_importance, channel_scores, input_channel_norms, input_rms, lod_score
 
 logger = get_logger()
 
@@ -114,8 +124,6 @@ def _comm_device() -> torch.device:
 def apply_allocation(tuner, allocation: dict[str, int], adapter_name: str) -> dict[str, int]:
     """Rebuild each module with its unit's rank; the per-module ranks go into ``rank_pattern`` (saved with the
     adapter, so every loader rebuilds the same shapes)."""
-    from ..tuner.model import AiraMoeModel
-
     config = tuner.peft_config[adapter_name]
     layers = tuner.aira_moe_layers(adapter_name)
     units = _units(tuner, adapter_name)
@@ -125,7 +133,7 @@ def apply_allocation(tuner, allocation: dict[str, int], adapter_name: str) -> di
     pattern = {}
     for unit, names in units.items():
         for name in names:
-            kwargs = AiraMoeModel._layer_kwargs(config, name)
+            kwargs = config.layer_kwargs(name)
             kwargs["r"] = int(allocation[unit])
             layers[name].update_layer(adapter_name, **kwargs)
             pattern[name] = int(allocation[unit])

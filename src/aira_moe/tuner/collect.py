@@ -11,7 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .._zero import gathered, is_partitioned
-from .stats import ChannelStats, update_stats
+from ..calibration.stats import ChannelStats, update_stats
 
 
 def distributed_ready() -> bool:

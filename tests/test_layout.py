@@ -1,0 +1,71 @@
+"""The package's import graph: one-way, no cycle (module-level and function-level imports both count)."""
+
+import ast
+import os
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "src", "aira_moe")
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the aira_moe modules it imports anywhere in its source (dotted names, relative imports resolved)."""
+    graph = {}
+    for folder, _, files in os.walk(SRC):
+        for file in files:
+            if not file.endswith(".py"):
+                continue
+            path = os.path.join(folder, file)
+            parts = ["aira_moe"] + os.path.relpath(path, SRC)[:-3].split(os.sep)
+            is_package = parts[-1] == "__init__"
+            module = ".".join(parts[:-1] if is_package else parts)
+            package = module if is_package else module.rsplit(".", 1)[0]
+            targets = set()
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = package.split(".")
+                    if node.level:
+                        base = base[: len(base) - node.level + 1]
+                        name = ".".join(base + ([node.module] if node.module else []))
+                    else:
+                        name = node.module or ""
+                    if name.startswith("aira_moe"):
+                        targets.add(name)
+                        targets.update(f"{name}.{alias.name}" for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    targets.update(alias.name for alias in node.names if alias.name.startswith("aira_moe."))
+            graph[module] = targets
+    return {module: {t for t in targets if t in graph and t != module} for module, targets in graph.items()}
+
+
+def test_import_graph_has_no_cycle_between_modules():
+    graph = package_imports()
+    # a package's __init__ re-exporting its own submodules is not a cycle of the design; leave those edges out
+    edges = {m: {t for t in ts if not (t.startswith(m + ".") and m in ("aira_moe", "aira_moe.tuner",
+                                                                         "aira_moe.calibration", "aira_moe.evaluation",
+                                                                         "aira_moe.export", "aira_moe.integrations"))}
+             for m, ts in graph.items()}
+    assert "aira_moe.tuner.calibrate" in graph and "aira_moe.tuner.model" in graph
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in edges[node]:
+            if state.get(target) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(target):] + [target]))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_calibration_is_math_and_evaluation_does_not_import_integrations():
+    graph = package_imports()
+    for module, targets in graph.items():
+        if module.startswith("aira_moe.calibration"):
+            assert all(t.startswith("aira_moe.calibration") for t in targets), (module, targets)
+        if module.startswith("aira_moe.evaluation"):
+            assert not any(t.startswith("aira_moe.integrations") for t in targets), (module, targets)
