@@ -221,11 +221,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parse_eval_args(rest)
         try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
             args.validate()
-            load_task(args.task, args.task_dir)
+            subjects = load_task(args.task, args.task_dir)
         except (FileNotFoundError, ValueError) as error:
             print(f"aira-moe eval: {error}", file=sys.stderr)
             return 2
-        evaluate(args)
+        evaluate(args, subjects=subjects)
         return 0
     if command == "check":
         return run_check(rest)

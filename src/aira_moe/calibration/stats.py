@@ -117,21 +117,21 @@ def _positive_mean(scores: torch.Tensor) -> torch.Tensor:
     return mean
 
 
+def _inverse(scores: torch.Tensor) -> torch.Tensor:
+    floored = scores.clamp(min=(1e-3 * _positive_mean(scores)).item())
+    inverse = 1.0 / floored
+    return inverse / inverse.mean()
+
+
 # name -> weights from raw channel scores s (>= 0). 'minmax' is the seed's formula; the others keep the update's
 # average scale (mean weight 1), so the weighting re-distributes the update over channels instead of shrinking it.
 CHANNEL_NORMALIZERS = {
     "minmax": minmax_normalize,
     "mean": lambda s: s / _positive_mean(s),
     "sqrt": lambda s: s.sqrt() / _positive_mean(s.sqrt()),
-    "inverse": lambda s: _inverse(s),
+    "inverse": _inverse,
     "none": lambda s: s,
 }
-
-
-def _inverse(scores: torch.Tensor) -> torch.Tensor:
-    floored = scores.clamp(min=(1e-3 * _positive_mean(scores)).item())
-    inverse = 1.0 / floored
-    return inverse / inverse.mean()
 
 
 def normalize_channel_scores(scores: torch.Tensor, method: str) -> torch.Tensor:

@@ -137,12 +137,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None, quiet: bool = False) -> dict:
+def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, device=None, quiet: bool = False,
+             subjects=None) -> dict:
     """Score every question of the task; writes <save_dir>/results.json (a dated directory under outputs/eval by
     default) and prints its path and a table (not with ``quiet``). ``model``, ``tokenizer``
-    and ``encode`` (messages, system -> prompt ids) may be given directly (tests)."""
+    and ``encode`` (messages, system -> prompt ids) may be given directly (tests); ``subjects`` when the caller has
+    already loaded the task (``load_task``), so its files are read once."""
     args.validate()
-    subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
+    if subjects is None:
+        subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
     if args.n_shot is None:
         args.n_shot = default_n_shot(subjects)
         print(f"[aira-moe eval] n_shot={args.n_shot} (the most {args.task}'s dev split supports, at most "
