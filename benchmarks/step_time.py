@@ -30,6 +30,8 @@ from aira_moe import AiraMoeConfig  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {
     "full": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, batch=4, seq=1024),
+    # a ~1B Llama's layers (TinyLlama shapes), as benchmarks/train_e2e.py trains through llamafactory-cli
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, batch=4, seq=1024),
     "reduced": dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2, batch=2, seq=128),
 }
 
@@ -44,7 +46,8 @@ def build_base(size: str, layers: int, dtype, device):
         num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=shape["seq"],
     )
     torch.manual_seed(0)
-    return LlamaModel(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: an 8B-shaped stack takes ~10 s to initialise on a CPU
+        return LlamaModel(config).to(dtype=dtype)
 
 
 def variants(rank: int, layers: int):
@@ -54,6 +57,9 @@ def variants(rank: int, layers: int):
     base = dict(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
     skew = [rank // 2, rank + rank // 2] * (layers // 2) + [rank] * (layers % 2)  # same mean rank
     pattern = {f"layers.{i}.{t}": skew[i] for i in range(layers) for t in TARGETS}
+    # ranks as a calibrated allocation gives them: not multiples of 8 (same mean rank)
+    odd = [rank - 3, rank + 3] * (layers // 2) + [rank] * (layers % 2)
+    odd_pattern = {f"layers.{i}.{t}": odd[i] for i in range(layers) for t in TARGETS}
     return {
         "lora": LoraConfig(**base),
         "aira_full_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full"),
@@ -61,6 +67,9 @@ def variants(rank: int, layers: int):
         "aira_random_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="random"),
         "aira_techniques_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full", rank_pattern=pattern,
                                              use_activation_aware=True, use_awsvd_init=True, calibrated=True),
+        "aira_techniques_odd_ranks_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full",
+                                                       rank_pattern=odd_pattern, use_activation_aware=True,
+                                                       use_awsvd_init=True, calibrated=True),
     }
 
 
@@ -68,6 +77,8 @@ def make_model(config, args, device, dtype):
     from peft import get_peft_model
 
     model = get_peft_model(build_base(args.size, args.layers, dtype, device), config)
+    if args.checkpointing:  # as LLaMA-Factory trains by default
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # trainable params in fp32, as LLaMA-Factory does
@@ -99,7 +110,8 @@ def measure(args) -> dict:
     configs = variants(args.rank, args.layers)
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only.split(",") or k == "lora"}
-    hidden = torch.randn(shape["batch"], shape["seq"], shape["hidden_size"], device=device, dtype=dtype)
+    # requires grad: reentrant gradient checkpointing only back-propagates into a block whose input does
+    hidden = torch.randn(shape["batch"], shape["seq"], shape["hidden_size"], device=device, dtype=dtype, requires_grad=True)
     times = {name: [] for name in configs}
     peaks, params = {}, {}
     # one model at a time (an 8B-shaped stack per variant would not fit together); rounds interleave the variants
@@ -135,7 +147,7 @@ def measure(args) -> dict:
         rows.append(row)
     return {
         "device": device_name(device),
-        "size": args.size, "layers": args.layers, "rank": args.rank, "batch": shape["batch"], "seq": shape["seq"],
+        "size": args.size, "layers": args.layers, "checkpointing": args.checkpointing, "rank": args.rank, "batch": shape["batch"], "seq": shape["seq"],
         "repeats": args.repeats, "steps": args.steps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
@@ -143,7 +155,8 @@ def measure(args) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, {result['size']} size, {result['layers']} layers, r={result['rank']}, "
-             f"batch {result['batch']}x{result['seq']}, median of {result['repeats']} rounds x {result['steps']} steps",
+             f"batch {result['batch']}x{result['seq']}, median of {result['repeats']} rounds x {result['steps']} steps"
+             + (", gradient checkpointing" if result.get("checkpointing") else ""),
              "", "| variant | median ms | x LoRA time | peak GiB | x LoRA memory | trainable params |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         peak = f"{row['peak_gib']:.2f}" if "peak_gib" in row else "n/a (CPU)"
@@ -161,6 +174,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variants (lora is always included)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (LLaMA-Factory's default)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     parser.add_argument("--out", default="", help="write the result as JSON here")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ def run(script, *args):
     return result.stdout
 
 
-@pytest.mark.parametrize("script", ["step_time.py", "calibration_time.py", "quality.py"])
+@pytest.mark.parametrize("script", ["step_time.py", "calibration_time.py", "quality.py", "train_e2e.py"])
 def test_help(script):
     assert "usage" in run(script, "--help")
 
@@ -28,10 +28,21 @@ def test_step_time_reduced(tmp_path):
     run("step_time.py", "--size", "reduced", "--layers", "2", "--repeats", "1", "--steps", "1", "--warmup", "0",
         "--out", str(out))
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"lora", "aira_full_2x3", "aira_heuristic_2x3", "aira_random_2x3", "aira_techniques_2x3"}
+    assert set(rows) == {"lora", "aira_full_2x3", "aira_heuristic_2x3", "aira_random_2x3", "aira_techniques_2x3",
+                         "aira_techniques_odd_ranks_2x3"}
     assert rows["lora"]["ratio_time_vs_lora"] == 1.0
     # CoLA 2x3 at rank r: r * (2 * in + 3 * out) per module vs LoRA's r * (in + out)
     assert rows["aira_full_2x3"]["trainable_params"] > 2 * rows["lora"]["trainable_params"]
+
+
+def test_train_e2e_tiny_runs_llamafactory_and_times_steps(tmp_path):
+    out = tmp_path / "e2e.json"
+    run("train_e2e.py", "--size", "tiny", "--rounds", "1", "--steps", "3", "--warmup", "1", "--only", "aira_all",
+        "--assets", str(tmp_path / "assets"), "--out", str(out))
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"lora", "aira_all"}
+    assert rows["lora"]["ratio_time_vs_lora"] == 1.0 and rows["aira_all"]["median_step_ms"] > 0
+    assert rows["aira_all"]["trainable_params"] > rows["lora"]["trainable_params"]
 
 
 def test_calibration_time_reduced(tmp_path):

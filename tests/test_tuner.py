@@ -15,7 +15,7 @@ from conftest import make_tiny_llama
 from peft import get_peft_model
 
 from aira_moe import AiraMoeConfig
-from aira_moe.tuner.collaboration import heuristic_pairing, pairing_from_indices, random_pairing_indices
+from aira_moe.tuner.collaboration import effective_factors, heuristic_pairing, random_pairings
 from aira_moe.tuner.layer import AiraMoeLayer
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -62,8 +62,7 @@ def test_collapsed_forward_equals_explicit_pair_sum(strategy, training):
     elif strategy == "heuristic":
         pairing = heuristic_pairing(2, 5).double()
     elif training:
-        indices = random_pairing_indices(2, 5, 0, layer.layer_key, layer.step_counter.value)
-        pairing = pairing_from_indices(indices, 5).double()
+        pairing = random_pairings(0, layer.step_counter.value, 1, 2, 5, "cpu")[layer.pairing_row].double()
     else:
         pairing = torch.full((5, 2), 1 / 5, dtype=torch.float64)
     with torch.no_grad():
@@ -194,6 +193,96 @@ def test_random_strategy_is_deterministic_in_eval_and_seeded_in_training(input_i
             assert torch.equal(a, b)
             outputs.append(a)
     assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_random_pairings_one_B_per_A_reproducible_per_step():
+    table = random_pairings(7, 3, 5, 4, 6, "cpu")
+    assert table.shape == (5, 6, 4) and table.dtype == torch.float32
+    assert torch.equal(table.sum(1), torch.ones(5, 4))  # every A of every layer drives exactly one B
+    assert torch.equal(table, random_pairings(7, 3, 5, 4, 6, "cpu"))
+    assert not torch.equal(table, random_pairings(7, 4, 5, 4, 6, "cpu"))
+    assert not torch.equal(table, random_pairings(8, 3, 5, 4, 6, "cpu"))
+    # over many steps every B is drawn for every A (uniform over num_B), and layers differ from each other
+    draws = torch.stack([random_pairings(0, step, 2, 2, 3, "cpu") for step in range(300)]).mean(0)
+    assert ((draws - 1 / 3).abs() < 0.1).all(), draws
+    assert not torch.equal(table[0], table[1])
+
+
+def test_random_pairing_is_drawn_once_per_step_and_survives_checkpoint_recompute(input_ids):
+    """Gradient checkpointing recomputes each layer's forward in backward: the recompute must see the step's pairing,
+    so gradients equal those of a run without checkpointing (a different pairing would change them)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = wrap(make_tiny_llama(), num_A=2, num_B=3, cola_strategy="random", cola_seed=3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids, labels=input_ids).loss.backward()
+        counter = model.base_model.step_counter
+        assert counter.value == 3 and len(counter._tables) == 1 and counter._tables[next(iter(counter._tables))][0] == 3
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+@pytest.mark.parametrize("mode", ["inps", "outps"])
+def test_folded_channel_scale_follows_every_change_of_the_buffer(strategy, mode):
+    """The scale-times-channel-weights product is cached per compute dtype; replacing the weights, loading new ones in
+    place and changing the scale must all show up in the output."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12)).double()
+    config = AiraMoeConfig(r=3, num_A=2, num_B=3, cola_strategy=strategy, target_modules=["0"], init_weights=False,
+                           use_activation_aware=True, activation_aware_mode=mode, calibrated=True)
+    model = get_peft_model(base, config)
+    layer = model.base_model.model[0]
+    x = torch.randn(5, 16, dtype=torch.float64)
+
+    def expected():
+        scale = layer.aira_moe_channel_scale["default"].double()
+        ones = torch.ones(3, 2, dtype=torch.float64)
+        pairing = {"full": ones, "heuristic": heuristic_pairing(2, 3).double(), "random": ones / 3}
+        experts_A = layer.aira_moe_A["default"] * scale if mode == "inps" else layer.aira_moe_A["default"]
+        got = explicit_pair_sum(experts_A, layer.aira_moe_B["default"], pairing[strategy], layer.scaling["default"], x)
+        return got * scale if mode == "outps" else got
+
+    layer.eval()
+    with torch.no_grad():
+        for change in ("none", "replaced", "in_place", "scaling"):
+            if change == "replaced":
+                layer.set_channel_scale("default", torch.rand_like(layer.aira_moe_channel_scale["default"]) + 0.5)
+            elif change == "in_place":
+                layer.aira_moe_channel_scale["default"].mul_(3.0)
+            elif change == "scaling":
+                layer.scaling["default"] *= 0.5
+            got = layer(x) - layer.base_layer(x)
+            torch.testing.assert_close(got, expected(), rtol=1e-10, atol=1e-12, msg=change)
+
+
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+def test_rank_padding_for_tensor_cores_changes_neither_update_nor_gradients(strategy):
+    """On CUDA the inner dimension is padded to a multiple of 8 with zeros: the same update and the same gradients."""
+    torch.manual_seed(0)
+    experts_A = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    experts_B = torch.randn(3, 12, 3, dtype=torch.float64, requires_grad=True)
+    pairing = heuristic_pairing(2, 3).double() if strategy == "heuristic" else (
+        random_pairings(0, 1, 1, 2, 3, "cpu")[0].double() if strategy == "random" else None)
+    x, in_scale = torch.randn(5, 16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    results = []
+    for multiple in (1, 8):
+        factor_A, factor_B = effective_factors(experts_A, experts_B, strategy=strategy, scaling=1.5, pairing=pairing,
+                                               in_scale=in_scale, rank_multiple=multiple)
+        assert factor_A.shape[0] == factor_B.shape[1] and factor_A.shape[0] % multiple == 0
+        out = x @ factor_A.T @ factor_B.T
+        grads = torch.autograd.grad(out.square().sum(), (experts_A, experts_B))
+        results.append((out, *grads))
+    assert results[0][0].shape == results[1][0].shape
+    for unpadded, padded in zip(*results):
+        torch.testing.assert_close(padded, unpadded, rtol=1e-12, atol=1e-12)
 
 
 def test_multiple_adapters_switch_disable_delete(input_ids):

@@ -13,10 +13,11 @@ Instead of looping over pairs, the experts are folded into one effective factor 
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 
 import torch
+import torch.nn.functional as F
 
 
 def heuristic_pairing(num_A: int, num_B: int) -> torch.Tensor:
@@ -30,22 +31,19 @@ def heuristic_pairing(num_A: int, num_B: int) -> torch.Tensor:
     return pairing
 
 
-def random_pairing_indices(num_A: int, num_B: int, seed: int, layer_key: str, step: int) -> list[int]:
-    """For the ``random`` strategy: the B index paired with each A at one training step.
+def random_pairings(seed: int, step: int, num_layers: int, num_A: int, num_B: int, device) -> torch.Tensor:
+    """For the ``random`` strategy: the pairing M (num_B x num_A, one 1 per column: each A drives one B) of every layer
+    at training step ``step``, stacked as (num_layers, num_B, num_A).
 
-    A pure function of (seed, layer, step), so every data-parallel rank (and a gradient-checkpointing recompute of
-    the same step) draws the same pairing without communicating. String seeds are hashed with SHA-512 by
-    ``random.Random``, which is stable across processes.
+    One draw per step for the whole model, on ``device``, from a generator seeded by (seed, step) alone: every
+    data-parallel rank (on the same device type) and every gradient-checkpointing recompute of that step get the same
+    pairings without communicating, and nothing is copied from the host per module.
     """
-    rng = random.Random(f"{seed}:{layer_key}:{step}")
-    return [rng.randrange(num_B) for _ in range(num_A)]
-
-
-def pairing_from_indices(indices: list[int], num_B: int) -> torch.Tensor:
-    """M (num_B x num_A) with M[indices[i], i] = 1."""
-    pairing = torch.zeros(num_B, len(indices))
-    pairing[indices, list(range(len(indices)))] = 1.0
-    return pairing
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    chosen = torch.randint(num_B, (num_layers, 1, num_A), generator=generator, device=device)
+    return (torch.arange(num_B, device=device).view(1, num_B, 1) == chosen).float()
 
 
 def effective_factors(
@@ -55,39 +53,63 @@ def effective_factors(
     strategy: str,
     scaling: float,
     pairing: torch.Tensor | None = None,
-    random_indices: list[int] | None = None,
     in_scale: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    rank_multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``.
+    """Fold the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``, both in ``dtype`` (default: the experts').
 
-    experts_A: (num_A, r, in); experts_B: (num_B, out, r).
-    strategy 'full' uses M = ones; 'random' uses ``random_indices`` (training) or E[M] = 1/num_B (when None);
-    'heuristic' uses ``pairing`` (num_B x num_A).
+    experts_A: (num_A, r, in); experts_B: (num_B, out, r). ``pairing`` is M (num_B x num_A): required for 'heuristic';
+    for 'random' the step's sampled M in training, or None for E[M] = 1/num_B (eval); ignored for 'full' (M = ones).
     The scaling s and the optional fixed channel weights are folded in: dW = s * diag(out_scale) B.. A.. diag(in_scale).
+
+    Written for few kernels (a training step runs this for every module): casts to ``dtype`` happen inside the ops
+    that fold the experts, so only the small factors are cast, never the token-sized input; s is multiplied into a
+    channel weight or M when there is one (no gradient flows there, so no backward kernel).
+    ``rank_multiple``: zero rows of A_eff / columns of B_eff pad the inner dimension R to a multiple of it (the
+    product is unchanged); tensor-core GEMMs are slow on a (tokens x R) operand whose rows are not 16-byte aligned.
     """
     num_A, r, in_features = experts_A.shape
     num_B, out_features, _ = experts_B.shape
-    if strategy == "full" or (strategy == "random" and random_indices is None):
-        factor_A = experts_A.sum(0)  # (r, in)
-        factor_B = experts_B.sum(0)  # (out, r)
-        if strategy == "random":
-            factor_B = factor_B / num_B  # E[M] = 1/num_B everywhere
-    elif strategy == "random":
-        factor_A = experts_A.reshape(num_A * r, in_features)  # (num_A*r, in)
-        index = torch.as_tensor(random_indices, device=experts_B.device)
-        factor_B = experts_B.index_select(0, index).permute(1, 0, 2).reshape(out_features, num_A * r)
-    elif strategy == "heuristic":
-        factor_A = experts_A.reshape(num_A * r, in_features)  # (num_A*r, in)
-        blocks = torch.einsum("ji,jor->oir", pairing.to(experts_B.dtype), experts_B)  # (out, num_A, r)
-        factor_B = blocks.reshape(out_features, num_A * r)  # (out, num_A*r)
-    else:
+    dtype = dtype or experts_A.dtype
+    if strategy not in ("full", "heuristic", "random"):
         raise ValueError(f"`cola_strategy` must be one of ['full', 'heuristic', 'random'], got {strategy!r}.")
+    if strategy == "heuristic" and pairing is None:
+        raise ValueError("the 'heuristic' strategy needs its pairing matrix.")
+    summed = strategy == "full" or pairing is None
+    if not summed:
+        pairing = pairing.to(experts_B.dtype)
+    if strategy == "random" and pairing is None:
+        scaling = scaling / num_B  # E[M] = 1/num_B everywhere
+    if scaling != 1:
+        if in_scale is not None:
+            in_scale, scaling = in_scale * scaling, 1
+        elif out_scale is not None:
+            out_scale, scaling = out_scale * scaling, 1
+        elif not summed:
+            pairing, scaling = pairing * scaling, 1
+    if summed:
+        factor_A = experts_A.sum(0, dtype=dtype)  # (r, in)
+        factor_B = experts_B.sum(0, dtype=dtype)  # (out, r)
+    else:
+        factor_A = experts_A.reshape(num_A * r, in_features).to(dtype)  # (num_A*r, in)
+        # block i of B_eff is sum_j M[j, i] B_j: one GEMM over the flattened experts, then one cast into (out, num_A*r)
+        blocks = pairing.T @ experts_B.reshape(num_B, out_features * r)  # (num_A, out*r)
+        blocks = blocks.view(num_A, out_features, r).permute(1, 0, 2)
+        # (to() with an unchanged dtype returns the permuted view even when asked for a contiguous one)
+        blocks = blocks.contiguous() if dtype == blocks.dtype else blocks.to(dtype, memory_format=torch.contiguous_format)
+        factor_B = blocks.view(out_features, num_A * r)
     if in_scale is not None:
-        factor_A = factor_A * in_scale.to(factor_A.dtype)  # (R, in) * (in,)
-    factor_B = factor_B * scaling
+        factor_A = factor_A * in_scale.to(dtype)  # (R, in) * (in,)
     if out_scale is not None:
-        factor_B = factor_B * out_scale.to(factor_B.dtype).unsqueeze(1)  # (out, R) * (out, 1)
+        factor_B = factor_B * out_scale.to(dtype).unsqueeze(1)  # (out, R) * (out, 1)
+    if scaling != 1:
+        factor_B = factor_B * scaling
+    missing = -factor_A.shape[0] % rank_multiple
+    if missing:
+        factor_A = F.pad(factor_A, (0, 0, 0, missing))  # (R + missing, in)
+        factor_B = F.pad(factor_B, (0, missing))  # (out, R + missing)
     return factor_A, factor_B
 
 

@@ -13,15 +13,38 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pairing_total, random_pairing_indices
+from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pairing_total, random_pairings
+
+
+# the inner dimension of the two adapter GEMMs is padded to this on CUDA: an allocated rank such as 13 leaves the
+# (tokens x R) bf16 operand's rows unaligned for tensor cores (H100, 1B Llama, ranks 13/19 vs 8/24: 1.165x vs 1.000x
+# LoRA's step time, benchmarks/README.md)
+CUDA_RANK_MULTIPLE = 8
 
 
 class StepCounter:
-    """Training-forward counter shared by all layers of one model; the 'random' strategy draws its pairing from it,
-    so a gradient-checkpointing recompute of the same step sees the same pairing."""
+    """Training-forward counter shared by all layers of one model. The 'random' strategy's pairings are drawn once per
+    step for all layers (``pairing_table``), so a gradient-checkpointing recompute of the same step sees the same
+    pairing."""
 
     def __init__(self) -> None:
         self.value = 0
+        self.num_layers = 0
+        self._tables: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+    def register_layer(self) -> int:
+        """The row of a new layer in every pairing table (layers are created in module order on every rank)."""
+        self.num_layers += 1
+        return self.num_layers - 1
+
+    def pairings(self, seed: int, num_A: int, num_B: int, device: torch.device) -> torch.Tensor:
+        """This step's (num_layers, num_B, num_A) pairings; see collaboration.random_pairings."""
+        key = (seed, num_A, num_B, device)
+        cached = self._tables.get(key)
+        if cached is None or cached[0] != self.value or cached[1].shape[0] != self.num_layers:
+            cached = (self.value, random_pairings(seed, self.value, self.num_layers, num_A, num_B, device))
+            self._tables[key] = cached
+        return cached[1]
 
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -66,6 +89,9 @@ class AiraMoeLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.step_counter = step_counter or StepCounter()
+        self.pairing_row = self.step_counter.register_layer()
+        # fixed tensors with the scale folded in, cast to the compute dtype: (adapter, kind) -> (source, stamp, value)
+        self._folded_cache: dict[tuple[str, str], tuple[torch.Tensor, tuple, torch.Tensor]] = {}
         self.layer_key = ""
         self.fan_in_fan_out = kwargs.get("fan_in_fan_out", False)
         self.kwargs = kwargs
@@ -211,27 +237,52 @@ class AiraMoeLayer(BaseTunerLayer):
 
     # ---------------------------------------------------------------- math
 
-    def _factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_eff, B_eff) with dW = B_eff @ A_eff; see collaboration.effective_factors."""
+    def _factors(
+        self, adapter_name: str, training: bool, dtype: torch.dtype | None = None, rank_multiple: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B_eff) with dW = B_eff @ A_eff, in ``dtype``; see collaboration.effective_factors. The scale is
+        pre-multiplied into a fixed channel weight or pairing when there is one, so a training step spends no kernel
+        on it."""
         strategy = self.strategy[adapter_name]
         experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
-        random_indices = None
-        if strategy == "random" and training:
-            random_indices = random_pairing_indices(
-                experts_A.shape[0], experts_B.shape[0], self.cola_seed[adapter_name], self.layer_key, self.step_counter.value
-            )
-        scale = self.aira_moe_channel_scale[adapter_name] if adapter_name in self.aira_moe_channel_scale else None
+        dtype = dtype or experts_A.dtype
+        scaling = self.scaling[adapter_name]
         mode = self.activation_mode.get(adapter_name)
+        channel = pairing = None
+        if mode is not None:
+            channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype)
+            scaling = 1.0
+        if strategy == "heuristic":
+            pairing = self._folded(adapter_name, "pairing", self.aira_moe_pairing[adapter_name], scaling, experts_B.dtype)
+            scaling = 1.0
+        elif strategy == "random" and training:
+            pairing = self.step_counter.pairings(
+                self.cola_seed[adapter_name], experts_A.shape[0], experts_B.shape[0], experts_B.device
+            )[self.pairing_row]
         return effective_factors(
             experts_A,
             experts_B,
             strategy=strategy,
-            scaling=self.scaling[adapter_name],
-            pairing=self.aira_moe_pairing[adapter_name] if strategy == "heuristic" else None,
-            random_indices=random_indices,
-            in_scale=scale if mode == "inps" else None,
-            out_scale=scale if mode == "outps" else None,
+            scaling=scaling,
+            pairing=pairing,
+            in_scale=channel if mode == "inps" else None,
+            out_scale=channel if mode == "outps" else None,
+            dtype=dtype,
+            rank_multiple=rank_multiple,
         )
+
+    def _folded(self, adapter_name: str, kind: str, source: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """``source * scaling`` in ``dtype``, recomputed only when ``source`` is replaced or changed in place
+        (set_channel_scale, load_state_dict, .to()) or the scale changes."""
+        stamp = (source._version, scaling, dtype)
+        cached = self._folded_cache.get((adapter_name, kind))
+        if cached is None or cached[0] is not source or cached[1] != stamp:
+            with torch.no_grad():
+                wide = source.to(torch.promote_types(source.dtype, dtype))  # one rounding into dtype, after scaling
+                value = (wide * scaling if scaling != 1 else wide).to(dtype)
+            cached = (source, stamp, value)
+            self._folded_cache[(adapter_name, kind)] = cached
+        return cached[2]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """dW of ``adapter_name`` in the layout of the base weight (eval pairing: E[M] for 'random')."""
@@ -313,6 +364,8 @@ class Linear(nn.Module, AiraMoeLayer):
         self._restore_residual(adapter_name)
         for table in (self.strategy, self.cola_seed, self.activation_mode):
             table.pop(adapter_name, None)
+        for key in [key for key in self._folded_cache if key[0] == adapter_name]:
+            del self._folded_cache[key]
         super().delete_adapter(adapter_name)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
@@ -344,14 +397,23 @@ class Linear(nn.Module, AiraMoeLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.aira_moe_A]
-        result = self._add_back_residuals(x, result, skip=active)
-        torch_result_dtype = result.dtype
+        if self._residual_applied:
+            result = self._add_back_residuals(x, result, skip=active)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        # the GEMMs run in the dtype autocast would pick (else x's): the small factors are cast, never x itself
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        rank_multiple = CUDA_RANK_MULTIPLE if device_type == "cuda" else 1
         for active_adapter in active:
-            factor_A, factor_B = self._factors(active_adapter, training=self.training)
+            if autocast and self.strategy[active_adapter] != "full":
+                # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype
+                with torch.autocast(device_type, enabled=False):
+                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, rank_multiple)
+            else:  # sums, products and casts only, which autocast leaves alone (and the context costs host time)
+                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, rank_multiple)
             dropout = self.aira_moe_dropout[active_adapter]
-            x_in = self._cast_input_dtype(x, factor_A.dtype)
-            hidden = F.linear(dropout(x_in), factor_A)  # (..., R)
-            result = result + F.linear(hidden, factor_B).to(torch_result_dtype)  # (..., out)
+            hidden = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), factor_A)  # (..., R)
+            result = result + F.linear(hidden, factor_B).to(result.dtype)  # (..., out)
         return result
 
     def _add_back_residuals(self, x: torch.Tensor, result: torch.Tensor, skip) -> torch.Tensor:
