@@ -73,10 +73,36 @@ def variants(rank: int, layers: int):
     }
 
 
+def quantize_linears(model, bits: int, device, compute_dtype) -> None:
+    """Replace every nn.Linear by its bitsandbytes 4-bit (nf4, double quant) or 8-bit twin, quantised on ``device``
+    (what `quantization_bit` / BitsAndBytesConfig give LLaMA-Factory and transformers)."""
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            weight = child.weight.data.to("cpu", torch.float16)
+            if bits == 4:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype,
+                                          quant_type="nf4", compress_statistics=True)
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+            else:
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            setattr(parent, name, layer.to(device))
+    # what transformers sets on a BitsAndBytesConfig-loaded model: peft's LoRA then uses its bitsandbytes layers
+    setattr(model, "is_loaded_in_4bit" if bits == 4 else "is_loaded_in_8bit", True)
+
+
 def make_model(config, args, device, dtype):
     from peft import get_peft_model
 
-    model = get_peft_model(build_base(args.size, args.layers, dtype, device), config)
+    base = build_base(args.size, args.layers, dtype, device)
+    if args.bits:
+        quantize_linears(base, args.bits, device, dtype)
+    model = get_peft_model(base, config)
     if args.checkpointing:  # as LLaMA-Factory trains by default
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     for param in model.parameters():
@@ -147,7 +173,7 @@ def measure(args) -> dict:
         rows.append(row)
     return {
         "device": device_name(device),
-        "size": args.size, "layers": args.layers, "checkpointing": args.checkpointing, "rank": args.rank, "batch": shape["batch"], "seq": shape["seq"],
+        "size": args.size, "layers": args.layers, "checkpointing": args.checkpointing, "bits": args.bits, "rank": args.rank, "batch": shape["batch"], "seq": shape["seq"],
         "repeats": args.repeats, "steps": args.steps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
@@ -156,7 +182,8 @@ def measure(args) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, {result['size']} size, {result['layers']} layers, r={result['rank']}, "
              f"batch {result['batch']}x{result['seq']}, median of {result['repeats']} rounds x {result['steps']} steps"
-             + (", gradient checkpointing" if result.get("checkpointing") else ""),
+             + (", gradient checkpointing" if result.get("checkpointing") else "")
+             + (f", {result['bits']}-bit bitsandbytes base" if result.get("bits") else ""),
              "", "| variant | median ms | x LoRA time | peak GiB | x LoRA memory | trainable params |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         peak = f"{row['peak_gib']:.2f}" if "peak_gib" in row else "n/a (CPU)"
@@ -174,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variants (lora is always included)")
+    parser.add_argument("--bits", type=int, choices=[4, 8], default=None,
+                        help="QLoRA: a bitsandbytes 4-bit (nf4) or 8-bit base for every method")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (LLaMA-Factory's default)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     parser.add_argument("--out", default="", help="write the result as JSON here")

@@ -35,6 +35,14 @@ def test_step_time_reduced(tmp_path):
     assert rows["aira_full_2x3"]["trainable_params"] > 2 * rows["lora"]["trainable_params"]
 
 
+def test_step_time_on_a_4bit_base(tmp_path):
+    out = tmp_path / "step.json"
+    run("step_time.py", "--size", "reduced", "--layers", "1", "--repeats", "1", "--steps", "1", "--warmup", "0",
+        "--bits", "4", "--only", "aira_techniques_2x3", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["bits"] == 4 and {row["variant"] for row in result["rows"]} == {"lora", "aira_techniques_2x3"}
+
+
 def test_train_e2e_tiny_runs_llamafactory_and_times_steps(tmp_path):
     out = tmp_path / "e2e.json"
     run("train_e2e.py", "--size", "tiny", "--rounds", "1", "--steps", "3", "--warmup", "1", "--only", "aira_all",

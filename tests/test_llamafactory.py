@@ -82,6 +82,17 @@ def run_cli(command, args, tmp_path, env=None, check=True):
     return result.returncode, log
 
 
+def export_lora_merged_logits(adapter_dir, lora_dir, load_base, ids):
+    """Logits on ``ids`` of `aira-moe export-lora` of ``adapter_dir``, merged by stock peft into ``load_base()``."""
+    from peft import PeftModel
+
+    result = subprocess.run(["aira-moe", "export-lora", "--adapter", str(adapter_dir), "--out", str(lora_dir)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        return PeftModel.from_pretrained(load_base(), str(lora_dir)).merge_and_unload().eval()(ids).logits
+
+
 def logged_losses(output_dir):
     with open(os.path.join(output_dir, "trainer_log.jsonl"), encoding="utf-8") as handle:
         return [json.loads(line)["loss"] for line in handle if '"loss"' in line]
@@ -163,13 +174,8 @@ def test_export_merges_exactly_and_chat_loads(assets, tmp_path):
     assert ((merged - adapted).norm() / adapted.norm()).item() <= 1e-4
 
     # the standard-LoRA export of the same adapter, merged by stock peft, equals llamafactory-cli export
-    lora_dir = tmp_path / "lora"
-    result = subprocess.run(["aira-moe", "export-lora", "--adapter", str(out), "--out", str(lora_dir)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
-        lora_merged = PeftModel.from_pretrained(base, str(lora_dir)).merge_and_unload().eval()(ids).logits
+    lora_merged = export_lora_merged_logits(
+        out, tmp_path / "lora", lambda: AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32), ids)
     assert ((lora_merged - merged).norm() / merged.norm()).item() <= 1e-4
 
     script = (

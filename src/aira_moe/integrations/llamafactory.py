@@ -187,11 +187,14 @@ def _patched_verify_model_args(original):
             return original(model_args, data_args, finetuning_args)
         require_adapter_dirs(model_args.adapter_name_or_path)
         if model_args.quantization_bit is not None:
-            raise ValueError(
-                f"`quantization_bit`={model_args.quantization_bit} cannot be used with finetuning_type aira_moe: its "
-                "layers wrap float Linear weights, and the AwSVD init rewrites them (W - dW0), which a quantised weight "
-                "cannot hold exactly."
-            )
+            method = getattr(model_args.quantization_method, "value", model_args.quantization_method)
+            if method != "bnb" or model_args.quantization_bit not in (4, 8):
+                raise ValueError(
+                    f"`quantization_method`={method} with `quantization_bit`={model_args.quantization_bit} cannot be "
+                    "used with finetuning_type aira_moe: calibration reads every adapted weight as floats (LOD, AwSVD), "
+                    "which is implemented for bitsandbytes only; use `quantization_method: bnb` with "
+                    "`quantization_bit: 4` or `8`."
+                )
         return original(model_args, data_args, _as_lora(finetuning_args))
 
     return verify
@@ -309,8 +312,12 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
 
     from ..tuner.config import AiraMoeConfig
 
-    if is_trainable and getattr(model, "quantization_method", None) is not None:
-        raise ValueError("aira_moe cannot train on a quantised model (see `quantization_bit`).")
+    quantization = getattr(model, "quantization_method", None)
+    if is_trainable and quantization is not None and str(getattr(quantization, "value", quantization)) != "bitsandbytes":
+        raise ValueError(
+            f"aira_moe cannot train on a model quantised with {getattr(quantization, 'value', quantization)} "
+            "(`model_name_or_path` holds a quantised checkpoint): only bitsandbytes 4-/8-bit bases are supported."
+        )
     adapters = list(model_args.adapter_name_or_path or [])
     to_merge = adapters if (not is_trainable or finetuning_args.create_new_adapter) else adapters[:-1]
     for path in to_merge:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from .._zero import gathered
+from .quantized import dequantized_weight
 from ..calibration.allocation import allocate_ranks, check_budget, resolve_budget
 from ..calibration.awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
 from ..calibration.report import build_report, format_table, write_report
@@ -51,7 +52,8 @@ def _units(tuner, adapter_name: str) -> dict[str, list[str]]:
 
 
 def _weight_out_in(layer) -> torch.Tensor:
-    weight = layer.get_base_layer().weight
+    """The base weight as (out, in) floats; a bitsandbytes-quantised one is dequantised (this module only)."""
+    weight = dequantized_weight(layer.get_base_layer())
     return weight.T if layer.fan_in_fan_out else weight  # (out, in)
 
 

@@ -106,7 +106,12 @@ def effective_factors(
         factor_B = factor_B * out_scale.to(dtype).unsqueeze(1)  # (out, R) * (out, 1)
     if scaling != 1:
         factor_B = factor_B * scaling
-    missing = -factor_A.shape[0] % rank_multiple
+    return pad_rank(factor_A, factor_B, rank_multiple)
+
+
+def pad_rank(factor_A: torch.Tensor, factor_B: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A (R x in) and columns of B (out x R) up to R a multiple of ``multiple``: B A is unchanged."""
+    missing = -factor_A.shape[0] % multiple
     if missing:
         factor_A = F.pad(factor_A, (0, 0, 0, missing))  # (R + missing, in)
         factor_B = F.pad(factor_B, (0, missing))  # (out, R + missing)

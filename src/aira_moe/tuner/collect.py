@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .._zero import gathered, is_partitioned
 from ..calibration.stats import ChannelStats, update_stats
+from .quantized import quantized_modules
 
 
 def distributed_ready() -> bool:
@@ -123,6 +124,10 @@ def run_calibration_pass(
     recorder = ActivationRecorder(modules, need_outputs, device)
     was_training = model.training
     model.eval()
+    # bitsandbytes switches a 4-bit weight to a CPU-only layout (computed by another kernel from then on, in training
+    # too) on its first eval-mode no-grad CPU forward; quantised Linears have no dropout, so train mode changes nothing
+    for module in quantized_modules(model):
+        module.train()
     seen_batches = seen_samples = 0
     progress = tqdm(total=max_batches, desc=desc, disable=not is_main_process(), unit="batch")
     try:

@@ -13,7 +13,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pairing_total, random_pairings
+from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pad_rank, pairing_total, random_pairings
+from .quantized import quantization_kind
 
 
 # the inner dimension of the two adapter GEMMs is padded to this on CUDA: an allocated rank such as 13 leaves the
@@ -110,6 +111,8 @@ class AiraMoeLayer(BaseTunerLayer):
             )
         self.in_features = in_features
         self.out_features = out_features
+        # bitsandbytes 4-/8-bit base: its weight is never written; an AwSVD residual runs inside the adapter instead
+        self.base_quantization = quantization_kind(base_layer)
         self.register_load_state_dict_post_hook(_resync_residuals_after_load)
 
     # ---------------------------------------------------------------- building
@@ -216,8 +219,9 @@ class AiraMoeLayer(BaseTunerLayer):
             weight.data = (weight.data.float() + update).to(weight.dtype)
 
     def _sync_residual(self, adapter_name: str) -> None:
-        """Make the base weight hold W_original - init_B @ init_A for this adapter's saved initial factors."""
-        if adapter_name not in self.aira_moe_init_A:
+        """Make the base weight hold W_original - init_B @ init_A for this adapter's saved initial factors (a quantised
+        base weight cannot hold it exactly: there the forward subtracts init_B @ init_A itself, see forward)."""
+        if adapter_name not in self.aira_moe_init_A or self.base_quantization is not None:
             return
         desired = (self.aira_moe_init_B[adapter_name], self.aira_moe_init_A[adapter_name])
         applied = self._residual_applied.get(adapter_name)
@@ -320,6 +324,11 @@ class Linear(nn.Module, AiraMoeLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        if self.base_quantization is not None:
+            raise ValueError(
+                f"cannot merge aira_moe into the {self.base_quantization} quantised weight of {self.layer_key}: load the "
+                "unquantised base model and merge there (e.g. `llamafactory-cli export` without `quantization_bit`)"
+            )
         base_layer = self.get_base_layer()
         for active_adapter in adapter_names:
             if active_adapter not in self.aira_moe_A:
@@ -405,12 +414,20 @@ class Linear(nn.Module, AiraMoeLayer):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         rank_multiple = CUDA_RANK_MULTIPLE if device_type == "cuda" else 1
         for active_adapter in active:
+            # the AwSVD residual of a quantised base runs here, not in its weight (padded after it is appended)
+            residual_here = self.base_quantization is not None and active_adapter in self.aira_moe_init_A
+            multiple = 1 if residual_here else rank_multiple
             if autocast and self.strategy[active_adapter] != "full":
                 # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype
                 with torch.autocast(device_type, enabled=False):
-                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, rank_multiple)
+                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
             else:  # sums, products and casts only, which autocast leaves alone (and the context costs host time)
-                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, rank_multiple)
+                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
+            if residual_here:
+                # the AwSVD residual, kept out of the quantised weight: s BA - B0 A0 as one pair of GEMMs of rank R + R0
+                init_A = self._folded(active_adapter, "init_A", self.aira_moe_init_A[active_adapter], 1.0, compute_dtype)
+                init_B = self._folded(active_adapter, "init_B", self.aira_moe_init_B[active_adapter], -1.0, compute_dtype)
+                factor_A, factor_B = pad_rank(torch.cat([factor_A, init_A]), torch.cat([factor_B, init_B], dim=1), rank_multiple)
             dropout = self.aira_moe_dropout[active_adapter]
             hidden = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), factor_A)  # (..., R)
             result = result + F.linear(hidden, factor_B).to(result.dtype)  # (..., out)
