@@ -313,9 +313,10 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     from ..tuner.config import AiraMoeConfig
 
     quantization = getattr(model, "quantization_method", None)
-    if is_trainable and quantization is not None and str(getattr(quantization, "value", quantization)) != "bitsandbytes":
+    quantization = getattr(quantization, "value", quantization)  # transformers' QuantizationMethod is a str enum
+    if is_trainable and quantization is not None and quantization != "bitsandbytes":
         raise ValueError(
-            f"aira_moe cannot train on a model quantised with {getattr(quantization, 'value', quantization)} "
+            f"aira_moe cannot train on a model quantised with {quantization} "
             "(`model_name_or_path` holds a quantised checkpoint): only bitsandbytes 4-/8-bit bases are supported."
         )
     adapters = list(model_args.adapter_name_or_path or [])

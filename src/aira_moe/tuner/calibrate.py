@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from .._zero import gathered
-from .quantized import dequantized_weight
 from ..calibration.allocation import allocate_ranks, check_budget, resolve_budget
 from ..calibration.awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
 from ..calibration.report import build_report, format_table, write_report
@@ -28,6 +27,7 @@ from ..calibration.stats import (
     lod_score,
 )
 from .collect import broadcast_from_main, is_main_process, run_calibration_pass
+from .quantized import dequantized_weight
 
 logger = get_logger()
 

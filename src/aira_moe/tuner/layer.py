@@ -25,7 +25,7 @@ CUDA_RANK_MULTIPLE = 8
 
 class StepCounter:
     """Training-forward counter shared by all layers of one model. The 'random' strategy's pairings are drawn once per
-    step for all layers (``pairing_table``), so a gradient-checkpointing recompute of the same step sees the same
+    step for all layers (``pairings``), so a gradient-checkpointing recompute of the same step sees the same
     pairing."""
 
     def __init__(self) -> None:

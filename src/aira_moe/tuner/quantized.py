@@ -33,7 +33,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "4bit":
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             # the CPU-only layout bitsandbytes switches to on an eval-mode no-grad forward; calibration never triggers
-            # it (see keep_quantized_layouts), so finding it means a forward outside aira_moe ran first
+            # it (collect.run_calibration_pass keeps quantised layers in train mode), so a forward outside aira_moe ran first
             raise RuntimeError(
                 f"{type(module).__name__} weight is in bitsandbytes' CPU inference layout (made by a no-grad eval forward "
                 "on CPU); load the model again and calibrate before running it in eval mode"
