@@ -1,15 +1,19 @@
 """Steady-state step time and peak memory of `llamafactory-cli train`, peft LoRA vs aira_moe variants.
 
-Every run is LLaMA-Factory's own training entry point (`run_exp`, what `llamafactory-cli train CONFIG` calls) in a
-fresh process, on the same random Llama, tokenizer and data; a TrainerCallback times each optimizer step (synchronised)
-and the first `--warmup` steps are dropped. Variants run in rounds whose order alternates (A B C D, D C B A, ...), so
-warm-up, clock and cache effects fall evenly on all of them; each ratio is to LoRA's median over the same rounds.
+Every run is LLaMA-Factory's own training entry point (`run_exp`, what `llamafactory-cli train CONFIG` calls), on
+the same random Llama, tokenizer and data; a TrainerCallback times each optimizer step (synchronised) and the first
+`--warmup` steps are dropped. Variants run in rounds whose order alternates (A B C D, D C B A, ...), so warm-up, clock
+and cache effects fall evenly on all of them. All runs of a round share one fresh process (`--fresh_process`: one
+per run), so each round also gives a paired ratio to LoRA free of between-process differences; the table reports
+both the ratio of medians and the median (and range) of the per-round ratios.
 
     python benchmarks/train_e2e.py --size tiny                     # CPU, a minute or two
-    python benchmarks/train_e2e.py --size 1b --rounds 2 --out benchmarks/results/train_e2e_h100.json   # one GPU
+    python benchmarks/train_e2e.py --size 1b --rounds 4 --out benchmarks/results/train_e2e_h100.json   # one GPU
 
 Sizes: `tiny` (hidden 64, 2 layers, cutoff 128, fp32 on CPU); `1b` (a 0.97B Llama: hidden 2048, 22 layers, MLP 5632,
-32 heads / 4 KV heads, bf16, batch 4 x 1024 tokens, gradient checkpointing as LLaMA-Factory's default).
+32 heads / 4 KV heads, bf16, batch 4 x 1024 tokens, gradient checkpointing as LLaMA-Factory's default; GPU);
+`launch` (`1b`'s depth, bf16 autocast and checkpointing at hidden 64 on CPU: almost all of its step is host-side
+dispatch, as in the launch-bound `1b` case on a GPU, so it is the CPU proxy for that case).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, cutoff_len=128, batch=4, rank=8, bf16=False),
+                 num_key_value_heads=2, cutoff_len=128, batch=4, rank=8, bf16=False, device="cpu"),
+    "launch": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=22, num_attention_heads=4,
+                   num_key_value_heads=2, cutoff_len=64, batch=2, rank=8, bf16=True, device="cpu", threads=1),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, cutoff_len=1024, batch=4, rank=16, bf16=True),
+               num_key_value_heads=4, cutoff_len=1024, batch=4, rank=16, bf16=True, device="cuda"),
 }
 WORDS = ("red green blue yellow cherry leaf sky banana ruby frog ocean lemon tomato lime whale corn "
          "the a of is which colour what does have usually question answer").split()
@@ -76,7 +82,7 @@ def build_assets(size: str, root: str) -> dict:
                          **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                   "num_attention_heads", "num_key_value_heads")})
     torch.manual_seed(0)
-    with torch.device("cuda" if shape["bf16"] and torch.cuda.is_available() else "cpu"):
+    with torch.device("cuda" if shape["device"] == "cuda" and torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config)
     if shape["bf16"]:
         model = model.to(torch.bfloat16)
@@ -99,13 +105,20 @@ def train_args(size: str, assets: dict, method: dict, steps: int, output_dir: st
     }
     if shape["bf16"]:
         args["bf16"] = True
-    else:
+    if shape["device"] == "cpu":
         args["use_cpu"] = True
     return args
 
 
-def worker(config_path: str, timing_path: str) -> None:
-    """Runs in the child: LLaMA-Factory's run_exp with a step timer."""
+def worker(schedule_path: str) -> None:
+    """Runs in the child: LLaMA-Factory's run_exp with a step timer, once per entry of the schedule, in order.
+
+    Runs sharing a process share its host-side state (clock, caches, allocator), which otherwise differs by up to
+    ±10 % between processes in the launch-bound 1B case; each run is checked to leave no model behind.
+    """
+    import gc
+    import weakref
+
     import torch
     from transformers import TrainerCallback
     from llamafactory.train.tuner import run_exp
@@ -115,12 +128,15 @@ def worker(config_path: str, timing_path: str) -> None:
             torch.cuda.synchronize()
 
     class StepTimer(TrainerCallback):
-        def __init__(self):
+        def __init__(self, timing_path):
+            self.timing_path = timing_path
             self.ends = []
             self.trainable = 0
+            self.model_ref = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.model_ref = weakref.ref(model)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
@@ -131,30 +147,52 @@ def worker(config_path: str, timing_path: str) -> None:
         def on_train_end(self, args, state, control, **kwargs):
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
             json.dump({"step_ends": self.ends, "peak_gib": peak, "trainable_params": self.trainable},
-                      open(timing_path, "w", encoding="utf-8"))
+                      open(self.timing_path, "w", encoding="utf-8"))
 
-    run_exp(json.load(open(config_path, encoding="utf-8")), callbacks=[StepTimer()])
+    for config_path, timing_path in json.load(open(schedule_path, encoding="utf-8")):
+        timer = StepTimer(timing_path)
+        run_exp(json.load(open(config_path, encoding="utf-8")), callbacks=[timer])
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # a model still alive would hold memory and skew the next run's peak and speed
+        if timer.model_ref() is not None:
+            raise RuntimeError(f"the model of {config_path} is still referenced after its run")
 
 
-def run_one(size, assets, name, method, steps, workdir) -> dict:
-    config_path = os.path.join(workdir, f"{name}.json")
-    timing_path = os.path.join(workdir, f"{name}.timing.json")
-    json.dump(train_args(size, assets, method, steps, os.path.join(workdir, name)), open(config_path, "w", encoding="utf-8"))
+def run_schedule(size, assets, runs, steps, workdir) -> list[dict]:
+    """``runs``: [(run_id, method)], trained one after another in one fresh process; their timings in that order."""
+    schedule, outputs = [], []
+    for run_id, method in runs:
+        config_path = os.path.join(workdir, f"{run_id}.json")
+        timing_path = os.path.join(workdir, f"{run_id}.timing.json")
+        output_dir = os.path.join(workdir, run_id)
+        json.dump(train_args(size, assets, method, steps, output_dir), open(config_path, "w", encoding="utf-8"))
+        schedule.append((config_path, timing_path))
+        outputs.append((timing_path, output_dir))
+    schedule_path = os.path.join(workdir, f"{runs[0][0]}.schedule.json")
+    json.dump(schedule, open(schedule_path, "w", encoding="utf-8"))
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
-    if SIZES[size]["bf16"] is False:
+    if SIZES[size]["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if "threads" in SIZES[size]:  # one thread: host dispatch is single-threaded on a GPU too, and the pool adds jitter
+        env["OMP_NUM_THREADS"] = str(SIZES[size]["threads"])
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", config_path, timing_path],
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", schedule_path],
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise SystemExit(f"{name} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-5000:]}")
-    timing = json.load(open(timing_path, encoding="utf-8"))
-    timing["wall_s"] = time.perf_counter() - started
-    adapter_config = os.path.join(workdir, name, "adapter_config.json")
-    if os.path.isfile(adapter_config):  # the allocated ranks, if any (they set the GEMM shapes)
-        pattern = json.load(open(adapter_config, encoding="utf-8")).get("rank_pattern") or {}
-        timing["ranks"] = sorted(set(pattern.values()))
-    return timing
+        raise SystemExit(f"{runs[0][0]}.. failed ({result.returncode}):\n{(result.stdout + result.stderr)[-5000:]}")
+    process_s = time.perf_counter() - started
+    timings = []
+    for timing_path, output_dir in outputs:
+        timing = json.load(open(timing_path, encoding="utf-8"))
+        timing["process_s"] = process_s
+        adapter_config = os.path.join(output_dir, "adapter_config.json")
+        if os.path.isfile(adapter_config):  # the allocated ranks, if any (they set the GEMM shapes)
+            pattern = json.load(open(adapter_config, encoding="utf-8")).get("rank_pattern") or {}
+            timing["ranks"] = sorted(set(pattern.values()))
+        timings.append(timing)
+    return timings
 
 
 def measure(args) -> dict:
@@ -174,43 +212,52 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for round_index in range(args.rounds):
             order = names if round_index % 2 == 0 else names[::-1]
-            for name in order:
-                timing = run_one(args.size, assets, name, configs[name], steps, workdir)
+            runs = [(f"r{round_index}_{name}", configs[name]) for name in order]
+            # one process per round (all variants share it) or, with --fresh_process, one per run
+            groups = [[run] for run in runs] if args.fresh_process else [runs]
+            timings = [timing for group in groups for timing in run_schedule(args.size, assets, group, steps, workdir)]
+            for name, timing in zip(order, timings):
                 ends = timing["step_ends"][args.warmup - 1:]
                 gaps = [1000 * (b - a) for a, b in zip(ends, ends[1:])]
                 step_ms[name].append(statistics.median(gaps))
-                walls[name].append(timing["wall_s"])
+                walls[name].append(timing["process_s"])
                 params[name] = timing["trainable_params"]
                 if timing.get("ranks"):
                     print(f"  {name} allocated ranks: {timing['ranks']}", flush=True)
                 if timing["peak_gib"] is not None:
                     peaks[name] = max(peaks.get(name, 0.0), timing["peak_gib"])
-                print(f"round {round_index + 1} {name}: median step {step_ms[name][-1]:.1f} ms, "
-                      f"process {timing['wall_s']:.0f} s", flush=True)
+                print(f"round {round_index + 1} {name}: median step {step_ms[name][-1]:.1f} ms", flush=True)
     lora_ms = statistics.median(step_ms["lora"])
     rows = []
     for name in names:
         median = statistics.median(step_ms[name])
+        # paired: each round's step time over LoRA's in the same round (the same process unless --fresh_process)
+        round_ratios = [ms / lora_round for ms, lora_round in zip(step_ms[name], step_ms["lora"])]
         row = {"variant": name, "median_step_ms": median, "ratio_time_vs_lora": median / lora_ms,
+               "round_ratios_vs_lora": round_ratios, "median_round_ratio_vs_lora": statistics.median(round_ratios),
                "per_round_ms": step_ms[name], "process_s": walls[name], "trainable_params": params[name]}
         if name in peaks:
             row.update(peak_gib=peaks[name], ratio_mem_vs_lora=peaks[name] / peaks["lora"])
         rows.append(row)
-    device = torch.device("cuda" if shape["bf16"] and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if shape["device"] == "cuda" and torch.cuda.is_available() else "cpu")
     return {"device": device_name(device), "size": args.size, "model_params": assets["params"],
             "tokens_per_step": shape["batch"] * shape["cutoff_len"], "rounds": args.rounds, "timed_steps": args.steps,
-            "warmup_steps": args.warmup, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+            "warmup_steps": args.warmup,
+            "process": "fresh per run" if args.fresh_process else "one per round", "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, llamafactory-cli train ({result['size']}: {result['model_params'] / 1e6:.1f}M params, "
              f"{result['tokens_per_step']} tokens/step), median over {result['rounds']} alternating rounds of "
-             f"{result['timed_steps']} steps after {result['warmup_steps']} warm-up steps", "",
-             "| variant | median step ms | x LoRA time | peak GiB | x LoRA memory | trainable params |", "|---|---|---|---|---|---|"]
+             f"{result['timed_steps']} steps after {result['warmup_steps']} warm-up steps, process: {result['process']}", "",
+             "| variant | median step ms | x LoRA time | x LoRA per round: median (min-max) | peak GiB | x LoRA memory "
+             "| trainable params |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         peak = f"{row['peak_gib']:.2f}" if "peak_gib" in row else "n/a (CPU)"
         ratio = f"{row['ratio_mem_vs_lora']:.3f}" if "ratio_mem_vs_lora" in row else "n/a"
-        lines.append(f"| {row['variant']} | {row['median_step_ms']:.1f} | {row['ratio_time_vs_lora']:.3f} | {peak} | "
+        paired = (f"{row['median_round_ratio_vs_lora']:.3f} ({min(row['round_ratios_vs_lora']):.3f}-"
+                  f"{max(row['round_ratios_vs_lora']):.3f})")
+        lines.append(f"| {row['variant']} | {row['median_step_ms']:.1f} | {row['ratio_time_vs_lora']:.3f} | {paired} | {peak} | "
                      f"{ratio} | {row['trainable_params']:,} |")
     return "\n".join(lines)
 
@@ -218,7 +265,7 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        return worker(argv[1], argv[2])
+        return worker(argv[1])
     from _common import write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over all variants")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every run")
+    parser.add_argument("--fresh_process", action="store_true",
+                        help="one process per run instead of one per round (adds between-process noise to the ratios)")
     parser.add_argument("--only", default="", help="comma-separated variants (lora is always included)")
     parser.add_argument("--assets", default="outputs/e2e", help="where the model, tokenizer and data are built once")
     parser.add_argument("--out", default="", help="write the result as JSON here")

@@ -47,9 +47,13 @@ def test_train_e2e_tiny_runs_llamafactory_and_times_steps(tmp_path):
     out = tmp_path / "e2e.json"
     run("train_e2e.py", "--size", "tiny", "--rounds", "1", "--steps", "3", "--warmup", "1", "--only", "aira_all",
         "--assets", str(tmp_path / "assets"), "--out", str(out))
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"lora", "aira_all"}
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"lora", "aira_all"} and result["process"] == "one per round"
     assert rows["lora"]["ratio_time_vs_lora"] == 1.0 and rows["aira_all"]["median_step_ms"] > 0
+    # one round: the paired ratio is the two runs' step times in that round's shared process
+    (ratio,) = rows["aira_all"]["round_ratios_vs_lora"]
+    assert ratio == pytest.approx(rows["aira_all"]["per_round_ms"][0] / rows["lora"]["per_round_ms"][0])
     assert rows["aira_all"]["trainable_params"] > rows["lora"]["trainable_params"]
 
 

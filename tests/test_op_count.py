@@ -8,11 +8,19 @@ every aten op of one forward + backward is counted by a TorchDispatchMode. Two c
 * token-sized: kernels that read or write a tensor with one row per token (memory traffic that grows with the batch).
 
 Both must be at most peft LoRA's, for every strategy and technique. ``python tests/test_op_count.py`` prints the table.
+
+A second check covers a whole optimizer step as ``llamafactory-cli train`` runs it (LLaMA-Factory's ``run_exp``: bf16
+autocast, gradient checkpointing, clipping, AdamW): the host-side work of that step -- aten dispatches (views too),
+kernels, host-device synchronisations and Python calls -- must be at most LoRA's for aira_moe with every technique.
+On a GPU where the step is bound by launch overhead (the 1B case of benchmarks/train_e2e.py) that is what sets
+its time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections import Counter
 
@@ -127,6 +135,103 @@ def test_aira_moe_dispatches_no_more_kernels_than_lora(counts, method):
     assert aira.token_sized - frozen.token_sized == Counter({"mm": 6 * modules, "add": 2 * modules})
 
 
+# one whole training step through LLaMA-Factory; every aira_moe variant uses the full strategy (the recipes')
+LLAMAFACTORY_METHODS = {
+    "lora": {"finetuning_type": "lora"},
+    "aira_basic": {"finetuning_type": "aira_moe", "num_A": 2, "num_B": 3},
+    "aira_all_inps": {"finetuning_type": "aira_moe", "num_A": 2, "num_B": 3, "use_layer_wise_rank": True,
+                      "rank_budget": "auto", "min_rank": 2, "max_rank": 8, "use_awsvd_init": True,
+                      "use_activation_aware": True, "activation_aware_mode": "inps", "awsvd_collect_steps": 2},
+}
+LLAMAFACTORY_METHODS["aira_all_outps"] = {**LLAMAFACTORY_METHODS["aira_all_inps"], "activation_aware_mode": "outps"}
+HOST_SYNCS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"}  # ops that wait for the device
+
+
+class HostWork(TorchDispatchMode):
+    """Every aten dispatch (views included), the kernels among them and the host-device syncs while active."""
+
+    def __init__(self, counts: Counter) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).replace("aten.", "")
+        self.counts["dispatches"] += 1
+        if not (func.is_view or func.overloadpacket in METADATA_ONLY):
+            self.counts["kernels"] += 1
+        self.counts["syncs"] += name in HOST_SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+def llamafactory_step_counts(workdir: str, num_layers: int = 2) -> dict:
+    """In this process: LLaMA-Factory's run_exp for each method on the tiny assets, counting its third and fourth
+    steps (the first ones are warm-up)."""
+    from transformers import LlamaForCausalLM, TrainerCallback
+    from llamafactory.train.tuner import run_exp
+
+    from aira_moe.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(os.path.join(workdir, "assets"), num_layers=num_layers)
+    # a bf16 checkpoint, as real Llama weights are (LLaMA-Factory then keeps the frozen base in bf16)
+    LlamaForCausalLM.from_pretrained(assets["model"]).to(torch.bfloat16).save_pretrained(assets["model"])
+
+    class CountSteps(TrainerCallback):
+        """Aten dispatches of the third step; Python calls of the fourth, with no dispatch mode adding its own."""
+
+        def __init__(self) -> None:
+            self.counts = Counter()
+            self.mode = HostWork(self.counts)
+
+        def count_python_call(self, frame, event, arg) -> None:
+            self.counts["python_calls"] += event == "call"
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.mode.__enter__()
+            elif state.global_step == 3:
+                sys.setprofile(self.count_python_call)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # global_step is incremented after the optimizer step, before this call
+            if state.global_step == 3:
+                self.mode.__exit__(None, None, None)
+            elif state.global_step == 4:
+                sys.setprofile(None)
+
+    counts = {}
+    for name, method in LLAMAFACTORY_METHODS.items():
+        counter = CountSteps()
+        run_exp({"model_name_or_path": assets["model"], "stage": "sft", "do_train": True, "dataset": assets["dataset"],
+                 "dataset_dir": assets["dataset_dir"], "template": "default", "cutoff_len": 64,
+                 "overwrite_cache": True, "output_dir": os.path.join(workdir, name), "overwrite_output_dir": True,
+                 "per_device_train_batch_size": 4, "max_steps": 5, "save_strategy": "no", "report_to": "none",
+                 "lora_rank": 4, "lora_alpha": 8, "lora_target": "all", "bf16": True, "use_cpu": True,
+                 "dataloader_num_workers": 0, "preprocessing_num_workers": 1, **method}, callbacks=[counter])
+        counts[name] = dict(counter.counts)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def llamafactory_counts(tmp_path_factory):
+    pytest.importorskip("llamafactory")
+    workdir = tmp_path_factory.mktemp("lf_step")
+    out = workdir / "counts.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1"}
+    result = subprocess.run([sys.executable, __file__, "--llamafactory", str(workdir), str(out)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [name for name in LLAMAFACTORY_METHODS if name != "lora"])
+def test_llamafactory_step_host_work_at_most_lora(llamafactory_counts, method):
+    lora, aira = llamafactory_counts["lora"], llamafactory_counts[method]
+    assert lora["dispatches"] > 1000 and lora["python_calls"] > 1000  # the counters saw a whole step
+    for kind in ("dispatches", "kernels", "syncs", "python_calls"):
+        assert aira.get(kind, 0) <= lora.get(kind, 0), (kind, aira, lora)
+
+
 def main() -> None:
     frozen = count_step(None)
     print(f"{len(TARGETS) * 2} adapted modules; ops of one forward + backward beyond the frozen model's")
@@ -139,4 +244,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--llamafactory"]:  # WORKDIR OUT [NUM_LAYERS]: test_llamafactory_step_host_work_at_most_lora
+        json.dump(llamafactory_step_counts(sys.argv[2], *map(int, sys.argv[4:5])), open(sys.argv[3], "w", encoding="utf-8"))
+    else:
+        main()

@@ -62,7 +62,8 @@ def effective_factors(
 
     experts_A: (num_A, r, in); experts_B: (num_B, out, r). ``pairing`` is M (num_B x num_A): required for 'heuristic';
     for 'random' the step's sampled M in training, or None for E[M] = 1/num_B (eval); ignored for 'full' (M = ones).
-    The scaling s and the optional fixed channel weights are folded in: dW = s * diag(out_scale) B.. A.. diag(in_scale).
+    The scaling s and the optional fixed channel weights are folded in: dW = s * diag(out_scale) B.. A.. diag(in_scale);
+    ``in_scale`` has shape (in,), ``out_scale`` (out,) or (out, 1).
 
     Written for few kernels (a training step runs this for every module): casts to ``dtype`` happen inside the ops
     that fold the experts, so only the small factors are cast, never the token-sized input; s is multiplied into a
@@ -103,7 +104,8 @@ def effective_factors(
     if in_scale is not None:
         factor_A = factor_A * in_scale.to(dtype)  # (R, in) * (in,)
     if out_scale is not None:
-        factor_B = factor_B * out_scale.to(dtype).unsqueeze(1)  # (out, R) * (out, 1)
+        column = out_scale if out_scale.dim() == 2 else out_scale.unsqueeze(1)
+        factor_B = factor_B * column.to(dtype)  # (out, R) * (out, 1)
     if scaling != 1:
         factor_B = factor_B * scaling
     return pad_rank(factor_A, factor_B, rank_multiple)

@@ -254,7 +254,9 @@ class AiraMoeLayer(BaseTunerLayer):
         mode = self.activation_mode.get(adapter_name)
         channel = pairing = None
         if mode is not None:
-            channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype)
+            # an output weight is kept as a column (out, 1), ready to broadcast over B's columns without a view per call
+            channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype,
+                                   as_column=mode == "outps")
             scaling = 1.0
         if strategy == "heuristic":
             pairing = self._folded(adapter_name, "pairing", self.aira_moe_pairing[adapter_name], scaling, experts_B.dtype)
@@ -275,15 +277,18 @@ class AiraMoeLayer(BaseTunerLayer):
             rank_multiple=rank_multiple,
         )
 
-    def _folded(self, adapter_name: str, kind: str, source: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        """``source * scaling`` in ``dtype``, recomputed only when ``source`` is replaced or changed in place
-        (set_channel_scale, load_state_dict, .to()) or the scale changes."""
-        stamp = (source._version, scaling, dtype)
+    def _folded(
+        self, adapter_name: str, kind: str, source: torch.Tensor, scaling: float, dtype: torch.dtype, as_column: bool = False
+    ) -> torch.Tensor:
+        """``source * scaling`` in ``dtype`` (``as_column``: shaped (n, 1)), recomputed only when ``source`` is replaced
+        or changed in place (set_channel_scale, load_state_dict, .to()) or the scale, dtype or shape asked changes."""
+        stamp = (source._version, scaling, dtype, as_column)
         cached = self._folded_cache.get((adapter_name, kind))
         if cached is None or cached[0] is not source or cached[1] != stamp:
             with torch.no_grad():
                 wide = source.to(torch.promote_types(source.dtype, dtype))  # one rounding into dtype, after scaling
                 value = (wide * scaling if scaling != 1 else wide).to(dtype)
+                value = value.unsqueeze(1) if as_column else value
             cached = (source, stamp, value)
             self._folded_cache[(adapter_name, kind)] = cached
         return cached[2]
@@ -418,10 +423,15 @@ class Linear(nn.Module, AiraMoeLayer):
             residual_here = self.base_quantization is not None and active_adapter in self.aira_moe_init_A
             multiple = 1 if residual_here else rank_multiple
             if autocast and self.strategy[active_adapter] != "full":
-                # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype
-                with torch.autocast(device_type, enabled=False):
+                # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype. Inside an
+                # enclosing autocast region, switching the flag is all torch.autocast(enabled=False) would do; its
+                # Python context manager costs as much host time as the rest of the fold
+                torch.set_autocast_enabled(device_type, False)
+                try:
                     factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
-            else:  # sums, products and casts only, which autocast leaves alone (and the context costs host time)
+                finally:
+                    torch.set_autocast_enabled(device_type, True)
+            else:  # sums, products and casts only, which autocast leaves alone
                 factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
             if residual_here:
                 # the AwSVD residual, kept out of the quantised weight: s BA - B0 A0 as one pair of GEMMs of rank R + R0
