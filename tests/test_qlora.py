@@ -65,6 +65,33 @@ def test_dequantised_weight_is_the_float_weight_within_quantisation_error(float_
     assert ((weight - want).norm() / want.norm()).item() < (0.12 if kind == "4bit" else 0.01)
 
 
+def test_residual_inside_the_adapter_padded_as_on_cuda_gives_the_same_output_and_gradients(float_model_dir, monkeypatch):
+    """On a quantised base the AwSVD residual pair is appended to the adapter's factors, then padded (on CUDA; forced
+    on CPU here): same logits and gradients as unpadded."""
+    from aira_moe.tuner import layer as layer_module
+
+    batches = random_batches(2, batch=2, length=16)
+    ids = batches[0]["input_ids"]
+    config = AiraMoeConfig(r=3, lora_alpha=6, num_A=2, num_B=3, target_modules="all-linear", use_awsvd_init=True,
+                           awsvd_mode="residual", use_activation_aware=True, awsvd_collect_steps=2)
+    model = get_peft_model(load(float_model_dir, "4bit"), config)
+    model.calibrate(batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        loss = model(ids, labels=ids).loss
+        return (loss, *torch.autograd.grad(loss, params))
+
+    unpadded = run()
+    monkeypatch.setitem(layer_module.RANK_MULTIPLE, "cpu", 8)
+    padded = run()
+    for want, got in zip(unpadded, padded):  # fp32: the GEMMs' summation order changes with R
+        assert got.shape == want.shape and ((got - want).norm() / want.norm()).item() < 1e-5
+    widths = {module.r["default"] + module.aira_moe_init_A["default"].shape[0]
+              for module in model.modules() if isinstance(module, layer_module.AiraMoeLayer)}
+    assert widths == {6}, widths  # r + R0 = 6: padded to 8
+
+
 @pytest.mark.parametrize("kind", QUANTIZATIONS)
 @pytest.mark.parametrize("mode", ["residual", "directions"])
 def test_every_technique_trains_on_a_quantised_base_and_reloads_identically(float_model_dir, tmp_path, kind, mode):

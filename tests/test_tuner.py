@@ -285,6 +285,31 @@ def test_rank_padding_for_tensor_cores_changes_neither_update_nor_gradients(stra
         torch.testing.assert_close(padded, unpadded, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", ["full", "heuristic", "random"])
+def test_padded_layer_forward_and_gradients_equal_unpadded(strategy, monkeypatch):
+    """The layer pads as it does on CUDA (forced on CPU): same output and gradients; the cached zero blocks stay zero."""
+    from aira_moe.tuner import layer as layer_module
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 12)).double(), AiraMoeConfig(
+        r=3, num_A=2, num_B=3, cola_strategy=strategy, target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0].train()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    params = (layer.aira_moe_A["default"], layer.aira_moe_B["default"])
+
+    def run():
+        layer.step_counter.value = 7  # the same 'random' pairing in both runs
+        out = layer(x)
+        return (out, *torch.autograd.grad(out.square().sum(), params))
+
+    unpadded = run()
+    monkeypatch.setitem(layer_module.RANK_MULTIPLE, "cpu", 8)
+    padded = run()
+    for want, got in zip(unpadded, padded):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert layer._zeros_cache and all(not zeros.any() for zeros in layer._zeros_cache.values())
+
+
 def test_multiple_adapters_switch_disable_delete(input_ids):
     model = make_tiny_llama()
     reference = model(input_ids).logits.detach()

@@ -7,8 +7,10 @@ Instead of looping over pairs, the experts are folded into one effective factor 
 * M all-equal (``full`` strategy, and ``random`` in eval where M = E[M] = 1/num_B): the double sum factorises,
   ``sum_ji c B_j A_i = c (sum_j B_j)(sum_i A_i)``, so A_eff = sum_i A_i (r x in) and B_eff = c sum_j B_j -- one
   LoRA-sized pair.
-* otherwise: A_eff = [A_1; ...; A_num_A] (num_A*r x in) and B_eff = B_cat (M kron I_r), whose i-th column block is
-  sum_j M[j, i] B_j.
+* otherwise: A_eff stacks the rows of every A_i (num_A*r x in) and B_eff (out x num_A*r) has, in the matching column,
+  sum_j M[j, i] B_j -- B_cat (M kron I_r) up to the order of the inner dimension, which the product does not see.
+  That order is rank-major (row k*num_A + i holds row k of A_i): then B_eff is one GEMM of the flattened experts
+  with M, already in its final layout, where expert-major order needs a permuted copy (and another in backward).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import hashlib
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def heuristic_pairing(num_A: int, num_B: int) -> torch.Tensor:
@@ -57,6 +58,7 @@ def effective_factors(
     out_scale: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     rank_multiple: int = 1,
+    zeros=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``, both in ``dtype`` (default: the experts').
 
@@ -68,8 +70,7 @@ def effective_factors(
     Written for few kernels (a training step runs this for every module): casts to ``dtype`` happen inside the ops
     that fold the experts, so only the small factors are cast, never the token-sized input; s is multiplied into a
     channel weight or M when there is one (no gradient flows there, so no backward kernel).
-    ``rank_multiple``: zero rows of A_eff / columns of B_eff pad the inner dimension R to a multiple of it (the
-    product is unchanged); tensor-core GEMMs are slow on a (tokens x R) operand whose rows are not 16-byte aligned.
+    ``rank_multiple`` and ``zeros``: see concat_padded (the inner dimension R padded with zeros to a multiple).
     """
     num_A, r, in_features = experts_A.shape
     num_B, out_features, _ = experts_B.shape
@@ -94,13 +95,16 @@ def effective_factors(
         factor_A = experts_A.sum(0, dtype=dtype)  # (r, in)
         factor_B = experts_B.sum(0, dtype=dtype)  # (out, r)
     else:
-        factor_A = experts_A.reshape(num_A * r, in_features).to(dtype)  # (num_A*r, in)
-        # block i of B_eff is sum_j M[j, i] B_j: one GEMM over the flattened experts, then one cast into (out, num_A*r)
-        blocks = pairing.T @ experts_B.reshape(num_B, out_features * r)  # (num_A, out*r)
-        blocks = blocks.view(num_A, out_features, r).permute(1, 0, 2)
-        # (to() with an unchanged dtype returns the permuted view even when asked for a contiguous one)
-        blocks = blocks.contiguous() if dtype == blocks.dtype else blocks.to(dtype, memory_format=torch.contiguous_format)
-        factor_B = blocks.view(out_features, num_A * r)
+        # rank-major rows, (r, num_A, in): the reordering copy is the cast's own copy (under autocast dtype differs);
+        # to() with an unchanged dtype returns the transposed view even when asked for a contiguous one
+        by_rank = experts_A.transpose(0, 1)
+        by_rank = by_rank.contiguous() if dtype == by_rank.dtype else by_rank.to(dtype, memory_format=torch.contiguous_format)
+        factor_A = by_rank.view(r * num_A, in_features)
+        # (num_B, out*r).T @ M is (out*r, num_A) = (out, r, num_A): column k*num_A + i of B_eff is sum_j M[j, i] B_j[:, k]
+        mixed = experts_B.reshape(num_B, out_features * r).T @ pairing
+        # viewed before the cast: a padded B_eff's gradient reaches the cast as a column slice, which the cast's
+        # backward copies contiguous anyway (a view after the cast would need a copy of its own)
+        factor_B = mixed.view(out_features, r * num_A).to(dtype)
     if in_scale is not None:
         factor_A = factor_A * in_scale.to(dtype)  # (R, in) * (in,)
     if out_scale is not None:
@@ -108,16 +112,30 @@ def effective_factors(
         factor_B = factor_B * column.to(dtype)  # (out, R) * (out, 1)
     if scaling != 1:
         factor_B = factor_B * scaling
-    return pad_rank(factor_A, factor_B, rank_multiple)
-
-
-def pad_rank(factor_A: torch.Tensor, factor_B: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero rows of A (R x in) and columns of B (out x R) up to R a multiple of ``multiple``: B A is unchanged."""
-    missing = -factor_A.shape[0] % multiple
-    if missing:
-        factor_A = F.pad(factor_A, (0, 0, 0, missing))  # (R + missing, in)
-        factor_B = F.pad(factor_B, (0, missing))  # (out, R + missing)
+    if rank_multiple > 1:
+        return concat_padded([factor_A], [factor_B], rank_multiple, zeros)
     return factor_A, factor_B
+
+
+def concat_padded(
+    blocks_A: list[torch.Tensor], blocks_B: list[torch.Tensor], multiple: int = 1, zeros=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair (A, B) with B A = sum_k B_k A_k: rows of the A_k (R_k x in) stacked, columns of the B_k (out x R_k)
+    side by side, then zero rows of A / columns of B up to R a multiple of ``multiple`` (B A unchanged): tensor-core
+    GEMMs are slow on a (tokens x R) operand whose rows are not 16-byte aligned.
+
+    ``zeros(shape, like)``: a zero tensor of ``shape`` with ``like``'s dtype and device, e.g. from a cache (saves
+    the fill kernel every step); default a new one. Padding is one cat per factor, whose backward is a view -- F.pad
+    would fill and copy (two kernels) and copy again in backward.
+    """
+    missing = -sum(map(len, blocks_A)) % multiple  # (len: rows; no generator frame per call)
+    if missing:
+        make = zeros or (lambda shape, like: like.new_zeros(shape))
+        blocks_A = [*blocks_A, make((missing, blocks_A[0].shape[1]), blocks_A[0])]
+        blocks_B = [*blocks_B, make((blocks_B[0].shape[0], missing), blocks_B[0])]
+    if len(blocks_A) == 1:
+        return blocks_A[0], blocks_B[0]
+    return torch.cat(blocks_A), torch.cat(blocks_B, dim=1)
 
 
 def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool, scaling_rank: int | None = None) -> float:

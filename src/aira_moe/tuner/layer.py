@@ -13,14 +13,21 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import adapter_scaling, effective_factors, heuristic_pairing, pad_rank, pairing_total, random_pairings
+from .collaboration import (
+    adapter_scaling,
+    concat_padded,
+    effective_factors,
+    heuristic_pairing,
+    pairing_total,
+    random_pairings,
+)
 from .quantized import quantization_kind
 
 
-# the inner dimension of the two adapter GEMMs is padded to this on CUDA: an allocated rank such as 13 leaves the
-# (tokens x R) bf16 operand's rows unaligned for tensor cores (H100, 1B Llama, ranks 13/19 vs 8/24: 1.165x vs 1.000x
-# LoRA's step time, benchmarks/README.md)
-CUDA_RANK_MULTIPLE = 8
+# device type -> the inner dimension of the two adapter GEMMs is padded to a multiple of this: on CUDA an allocated
+# rank such as 13 leaves the (tokens x R) bf16 operand's rows unaligned for tensor cores (H100, 1B Llama, ranks 13/19
+# vs 8/24: 1.165x vs 1.000x LoRA's step time, benchmarks/README.md)
+RANK_MULTIPLE = {"cuda": 8}
 
 
 class StepCounter:
@@ -93,6 +100,8 @@ class AiraMoeLayer(BaseTunerLayer):
         self.pairing_row = self.step_counter.register_layer()
         # fixed tensors with the scale folded in, cast to the compute dtype: (adapter, kind) -> (source, stamp, value)
         self._folded_cache: dict[tuple[str, str], tuple[torch.Tensor, tuple, torch.Tensor]] = {}
+        # zero blocks that pad the inner dimension: (shape, dtype, device) -> tensor, never written
+        self._zeros_cache: dict[tuple, torch.Tensor] = {}
         self.layer_key = ""
         self.fan_in_fan_out = kwargs.get("fan_in_fan_out", False)
         self.kwargs = kwargs
@@ -275,7 +284,14 @@ class AiraMoeLayer(BaseTunerLayer):
             out_scale=channel if mode == "outps" else None,
             dtype=dtype,
             rank_multiple=rank_multiple,
+            zeros=self._zeros,
         )
+
+    def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (shape, like.dtype, like.device)
+        if key not in self._zeros_cache:
+            self._zeros_cache[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self._zeros_cache[key]
 
     def _folded(
         self, adapter_name: str, kind: str, source: torch.Tensor, scaling: float, dtype: torch.dtype, as_column: bool = False
@@ -417,7 +433,7 @@ class Linear(nn.Module, AiraMoeLayer):
         autocast = torch.is_autocast_enabled(device_type)
         # the GEMMs run in the dtype autocast would pick (else x's): the small factors are cast, never x itself
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-        rank_multiple = CUDA_RANK_MULTIPLE if device_type == "cuda" else 1
+        rank_multiple = RANK_MULTIPLE.get(device_type, 1)
         for active_adapter in active:
             # the AwSVD residual of a quantised base runs here, not in its weight (padded after it is appended)
             residual_here = self.base_quantization is not None and active_adapter in self.aira_moe_init_A
@@ -437,7 +453,7 @@ class Linear(nn.Module, AiraMoeLayer):
                 # the AwSVD residual, kept out of the quantised weight: s BA - B0 A0 as one pair of GEMMs of rank R + R0
                 init_A = self._folded(active_adapter, "init_A", self.aira_moe_init_A[active_adapter], 1.0, compute_dtype)
                 init_B = self._folded(active_adapter, "init_B", self.aira_moe_init_B[active_adapter], -1.0, compute_dtype)
-                factor_A, factor_B = pad_rank(torch.cat([factor_A, init_A]), torch.cat([factor_B, init_B], dim=1), rank_multiple)
+                factor_A, factor_B = concat_padded([factor_A, init_A], [factor_B, init_B], rank_multiple, self._zeros)
             dropout = self.aira_moe_dropout[active_adapter]
             hidden = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), factor_A)  # (..., R)
             result = result + F.linear(hidden, factor_B).to(result.dtype)  # (..., out)
