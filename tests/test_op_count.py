@@ -45,6 +45,10 @@ METADATA_ONLY = {torch.ops.aten._unsafe_view, torch.ops.aten.detach, torch.ops.a
                  torch.ops.aten.empty_strided, torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
 
 
+def launches_kernel(func) -> bool:
+    return not (func.is_view or func.overloadpacket in METADATA_ONLY)
+
+
 class KernelCounter(TorchDispatchMode):
     """Counts dispatched aten ops that are not views, and those of them that touch a token-sized tensor."""
 
@@ -55,7 +59,7 @@ class KernelCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or func.overloadpacket in METADATA_ONLY:
+        if not launches_kernel(func):
             return out
         name = str(func.overloadpacket).replace("aten.", "")
         self.kernels[name] += 1
@@ -212,8 +216,7 @@ class HostWork(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket).replace("aten.", "")
         self.counts["dispatches"] += 1
-        if not (func.is_view or func.overloadpacket in METADATA_ONLY):
-            self.counts["kernels"] += 1
+        self.counts["kernels"] += launches_kernel(func)
         self.counts["syncs"] += name in HOST_SYNCS
         return func(*args, **(kwargs or {}))
 

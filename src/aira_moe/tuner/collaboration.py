@@ -57,8 +57,6 @@ def effective_factors(
     in_scale: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
-    rank_multiple: int = 1,
-    zeros=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``, both in ``dtype`` (default: the experts').
 
@@ -70,7 +68,6 @@ def effective_factors(
     Written for few kernels (a training step runs this for every module): casts to ``dtype`` happen inside the ops
     that fold the experts, so only the small factors are cast, never the token-sized input; s is multiplied into a
     channel weight or M when there is one (no gradient flows there, so no backward kernel).
-    ``rank_multiple`` and ``zeros``: see concat_padded (the inner dimension R padded with zeros to a multiple).
     """
     num_A, r, in_features = experts_A.shape
     num_B, out_features, _ = experts_B.shape
@@ -112,8 +109,6 @@ def effective_factors(
         factor_B = factor_B * column.to(dtype)  # (out, R) * (out, 1)
     if scaling != 1:
         factor_B = factor_B * scaling
-    if rank_multiple > 1:
-        return concat_padded([factor_A], [factor_B], rank_multiple, zeros)
     return factor_A, factor_B
 
 

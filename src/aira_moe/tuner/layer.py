@@ -250,9 +250,7 @@ class AiraMoeLayer(BaseTunerLayer):
 
     # ---------------------------------------------------------------- math
 
-    def _factors(
-        self, adapter_name: str, training: bool, dtype: torch.dtype | None = None, rank_multiple: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, adapter_name: str, training: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B_eff) with dW = B_eff @ A_eff, in ``dtype``; see collaboration.effective_factors. The scale is
         pre-multiplied into a fixed channel weight or pairing when there is one, so a training step spends no kernel
         on it."""
@@ -283,8 +281,6 @@ class AiraMoeLayer(BaseTunerLayer):
             in_scale=channel if mode == "inps" else None,
             out_scale=channel if mode == "outps" else None,
             dtype=dtype,
-            rank_multiple=rank_multiple,
-            zeros=self._zeros,
         )
 
     def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -435,25 +431,25 @@ class Linear(nn.Module, AiraMoeLayer):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         rank_multiple = RANK_MULTIPLE.get(device_type, 1)
         for active_adapter in active:
-            # the AwSVD residual of a quantised base runs here, not in its weight (padded after it is appended)
-            residual_here = self.base_quantization is not None and active_adapter in self.aira_moe_init_A
-            multiple = 1 if residual_here else rank_multiple
             if autocast and self.strategy[active_adapter] != "full":
                 # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype. Inside an
                 # enclosing autocast region, switching the flag is all torch.autocast(enabled=False) would do; its
                 # Python context manager costs as much host time as the rest of the fold
                 torch.set_autocast_enabled(device_type, False)
                 try:
-                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
+                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype)
                 finally:
                     torch.set_autocast_enabled(device_type, True)
             else:  # sums, products and casts only, which autocast leaves alone
-                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype, multiple)
-            if residual_here:
-                # the AwSVD residual, kept out of the quantised weight: s BA - B0 A0 as one pair of GEMMs of rank R + R0
-                init_A = self._folded(active_adapter, "init_A", self.aira_moe_init_A[active_adapter], 1.0, compute_dtype)
-                init_B = self._folded(active_adapter, "init_B", self.aira_moe_init_B[active_adapter], -1.0, compute_dtype)
-                factor_A, factor_B = concat_padded([factor_A, init_A], [factor_B, init_B], rank_multiple, self._zeros)
+                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype)
+            blocks_A, blocks_B = [factor_A], [factor_B]
+            if self.base_quantization is not None and active_adapter in self.aira_moe_init_A:
+                # the AwSVD residual of a quantised base, kept out of its weight: s BA - B0 A0 as one pair of GEMMs of
+                # rank R + R0
+                blocks_A.append(self._folded(active_adapter, "init_A", self.aira_moe_init_A[active_adapter], 1.0, compute_dtype))
+                blocks_B.append(self._folded(active_adapter, "init_B", self.aira_moe_init_B[active_adapter], -1.0, compute_dtype))
+            if len(blocks_A) > 1 or rank_multiple > 1:  # (the common unpadded case makes no call)
+                factor_A, factor_B = concat_padded(blocks_A, blocks_B, rank_multiple, self._zeros)
             dropout = self.aira_moe_dropout[active_adapter]
             hidden = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), factor_A)  # (..., R)
             result = result + F.linear(hidden, factor_B).to(result.dtype)  # (..., out)
