@@ -213,10 +213,11 @@ def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int]
             layer.set_initial_update(adapter_name, broadcast_from_main(factor_A.contiguous()), broadcast_from_main(factor_B.contiguous()))
         seconds["awsvd"] = time.perf_counter() - start
 
-    # the LoRA-style random A experts too: every rank starts from rank 0's weights
+    # the LoRA-style random A experts (and a router) too: every rank starts from rank 0's weights
     for layer in layers.values():
-        for table in (layer.aira_moe_A, layer.aira_moe_B):
-            broadcast_from_main(table[adapter_name].data)
+        for table in (getattr(layer, name) for name in layer.adapter_layer_names):
+            if adapter_name in table:
+                broadcast_from_main(table[adapter_name].data)
     config.calibrated = True
 
     report = build_report(

@@ -47,23 +47,22 @@ def random_pairings(seed: int, step: int, num_layers: int, num_A: int, num_B: in
     return (torch.arange(num_B, device=device).view(1, num_B, 1) == chosen).float()
 
 
-def effective_factors(
+def fold_experts(
     experts_A: torch.Tensor,
     experts_B: torch.Tensor,
     *,
-    strategy: str,
     scaling: float,
     pairing: torch.Tensor | None = None,
     in_scale: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``, both in ``dtype`` (default: the experts').
+    """The one fold of the experts into (A_eff, B_eff) with ``dW = B_eff @ A_eff``, both in ``dtype`` (default: the
+    experts'), for a fixed pairing M (num_B x num_A): ``pairing``, or all ones when None (the sum form).
 
-    experts_A: (num_A, r, in); experts_B: (num_B, out, r). ``pairing`` is M (num_B x num_A): required for 'heuristic';
-    for 'random' the step's sampled M in training, or None for E[M] = 1/num_B (eval); ignored for 'full' (M = ones).
-    The scaling s and the optional fixed channel weights are folded in: dW = s * diag(out_scale) B.. A.. diag(in_scale);
-    ``in_scale`` has shape (in,), ``out_scale`` (out,) or (out, 1).
+    experts_A: (num_A, r, in); experts_B: (num_B, out, r). The scaling s and the optional fixed channel weights are
+    folded in: dW = s * diag(out_scale) B.. A.. diag(in_scale); ``in_scale`` has shape (in,), ``out_scale`` (out,) or
+    (out, 1).
 
     Written for few kernels (a training step runs this for every module): casts to ``dtype`` happen inside the ops
     that fold the experts, so only the small factors are cast, never the token-sized input; s is multiplied into a
@@ -72,15 +71,9 @@ def effective_factors(
     num_A, r, in_features = experts_A.shape
     num_B, out_features, _ = experts_B.shape
     dtype = dtype or experts_A.dtype
-    if strategy not in ("full", "heuristic", "random"):
-        raise ValueError(f"`cola_strategy` must be one of ['full', 'heuristic', 'random'], got {strategy!r}.")
-    if strategy == "heuristic" and pairing is None:
-        raise ValueError("the 'heuristic' strategy needs its pairing matrix.")
-    summed = strategy == "full" or pairing is None
+    summed = pairing is None
     if not summed:
         pairing = pairing.to(experts_B.dtype)
-    if strategy == "random" and pairing is None:
-        scaling = scaling / num_B  # E[M] = 1/num_B everywhere
     if scaling != 1:
         if in_scale is not None:
             in_scale, scaling = in_scale * scaling, 1
@@ -112,6 +105,23 @@ def effective_factors(
     return factor_A, factor_B
 
 
+def effective_factors(
+    experts_A: torch.Tensor,
+    experts_B: torch.Tensor,
+    *,
+    strategy: str,
+    scaling: float,
+    pairing: torch.Tensor | None = None,
+    in_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_eff, B_eff) of the named strategy; ``pairing``: the fixed M of 'heuristic', or the step's sampled M of
+    'random' in training (None: its eval expectation E[M] = 1/num_B). See ``CollaborationStrategy.fold``."""
+    return get_strategy(strategy).fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
+                                       out_scale=out_scale, dtype=dtype)
+
+
 def concat_padded(
     blocks_A: list[torch.Tensor], blocks_B: list[torch.Tensor], multiple: int = 1, zeros=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +150,139 @@ def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool, scaling_rank: i
     return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
-def pairing_total(strategy: str, num_A: int, num_B: int) -> float:
-    """Sum of the entries of M (of every sampled M for 'random'): used to spread a target update over the copies."""
-    if strategy == "full":
+# ---------------------------------------------------------------------------------------------------- strategies
+
+
+class TokenDependentUpdate(ValueError):
+    """A routed adapter has no fixed weight update: merging it or exporting it as a LoRA is impossible."""
+
+
+class CollaborationStrategy:
+    """How the A and B experts of a layer collaborate (``cola_strategy``): one object per strategy, asked by the layer,
+    the calibration and the exporter instead of testing the name (as peft's ``LoraVariant`` for DoRA and friends).
+
+    A fixed strategy has a pairing M (num_B x num_A), possibly sampled per training step, and its update is the fold
+    ``fold_experts``; ``routed`` mixes the experts per token instead (``token_dependent``)."""
+
+    name: str = ""
+    # the update depends on the token: there is no fixed dW, so no merge and no export as a standard LoRA
+    token_dependent: bool = False
+    # the layer keeps a fixed pairing buffer (built by ``fixed_pairing``) and folds the scale into it
+    has_fixed_pairing: bool = False
+    # training draws a new pairing every step from the model's step counter (same on every rank)
+    samples_pairing: bool = False
+    # the fold runs a GEMM (over M), which autocast must not touch; a sum-only fold needs no autocast switch
+    fold_has_gemm: bool = True
+
+    def fixed_pairing(self, num_A: int, num_B: int) -> torch.Tensor | None:
+        """M kept as a (non-persistent) buffer of the layer, derived from the shapes; None when there is none."""
+        return None
+
+    def pairing_total(self, num_A: int, num_B: int) -> float:
+        """Sum of the entries of M (of every sampled M; of the gates for 'routed'): spreads a target update over the
+        copies (AwSVD 'residual' init)."""
+        raise NotImplementedError
+
+    def initial_width(self, r: int, num_A: int) -> int:
+        """Inner width of the saved AwSVD initial pair (init_B @ init_A), the folded factors' width in eval."""
+        return r
+
+    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
+        """(A_eff, B_eff) with dW = B_eff @ A_eff; ``pairing`` as the layer passes it (see the subclasses)."""
+        return fold_experts(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
+                            out_scale=out_scale, dtype=dtype)
+
+    def fixed_update_refusal(self, what: str) -> TokenDependentUpdate | None:
+        """The error (one line: why, and what to do instead) when ``what`` needs a fixed dW this strategy lacks."""
+        return None
+
+    def check_fixed_update(self, what: str) -> None:
+        refusal = self.fixed_update_refusal(what)
+        if refusal is not None:
+            raise refusal
+
+
+class FullStrategy(CollaborationStrategy):
+    """M = all ones: (sum B)(sum A), one LoRA-sized pair (what CoLA ships)."""
+
+    name = "full"
+    fold_has_gemm = False
+
+    def pairing_total(self, num_A, num_B):
         return float(num_A * num_B)
-    if strategy == "heuristic":
+
+    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
+        return super().fold(experts_A, experts_B, scaling=scaling, pairing=None, in_scale=in_scale,
+                            out_scale=out_scale, dtype=dtype)
+
+
+class HeuristicStrategy(CollaborationStrategy):
+    """Each B bound to one A (``heuristic_pairing``): the general fold, rank num_A * r."""
+
+    name = "heuristic"
+    has_fixed_pairing = True
+
+    def fixed_pairing(self, num_A, num_B):
+        return heuristic_pairing(num_A, num_B)
+
+    def pairing_total(self, num_A, num_B):
         return float(num_B)
-    return float(num_A)  # random: each A is paired with exactly one B
+
+    def initial_width(self, r, num_A):
+        return num_A * r
+
+    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
+        if pairing is None:
+            raise ValueError("the 'heuristic' strategy needs its pairing matrix.")
+        return super().fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
+                            out_scale=out_scale, dtype=dtype)
+
+
+class RandomStrategy(CollaborationStrategy):
+    """Each A paired with one random B per training step (``random_pairings``); eval and merge use E[M] = 1/num_B."""
+
+    name = "random"
+    samples_pairing = True
+
+    def pairing_total(self, num_A, num_B):
+        return float(num_A)  # each A is paired with exactly one B
+
+    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
+        if pairing is None:
+            scaling = scaling / experts_B.shape[0]  # E[M] = 1/num_B everywhere: the sum form
+        return super().fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
+                            out_scale=out_scale, dtype=dtype)
+
+
+class RoutedStrategy(CollaborationStrategy):
+    """A per-token router mixes the num_A * num_B pairs (B_j, A_i) with softmax gates (see ``routing``); the update
+    depends on the token, so there is no fold, no merge and no LoRA export."""
+
+    name = "routed"
+    token_dependent = True
+
+    def pairing_total(self, num_A, num_B):
+        return 1.0  # dense softmax gates sum to one
+
+    def fold(self, experts_A, experts_B, **kwargs):
+        raise self.fixed_update_refusal("folded into one weight update")
+
+    def fixed_update_refusal(self, what: str) -> TokenDependentUpdate:
+        return TokenDependentUpdate(
+            f"a `cola_strategy: routed` adapter cannot be {what}: its update depends on the token (a per-token router "
+            "mixes the experts), so no fixed weight equals it; serve it unmerged instead (peft "
+            "PeftModel.from_pretrained, or llamafactory-cli chat / api with `adapter_name_or_path`)"
+        )
+
+
+STRATEGIES: dict[str, CollaborationStrategy] = {
+    strategy.name: strategy for strategy in (FullStrategy(), HeuristicStrategy(), RandomStrategy(), RoutedStrategy())
+}
+
+
+def get_strategy(name: str) -> CollaborationStrategy:
+    """The strategy object of ``cola_strategy`` = ``name``."""
+    strategy = STRATEGIES.get(name)
+    if strategy is None:
+        raise ValueError(f"`cola_strategy` must be one of {list(STRATEGIES)}, got {name!r}.")
+    return strategy

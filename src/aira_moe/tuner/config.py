@@ -10,9 +10,10 @@ from peft.config import PeftConfig
 from ..calibration.allocation import OBJECTIVES
 from ..calibration.stats import CHANNEL_NORMALIZERS, LOD_REFERENCES
 from ._registry import ensure_peft_type
+from .collaboration import STRATEGIES
 
 # the allowed values of each choice field: the one copy (the Literal annotations and the LLaMA-Factory keys use them)
-COLA_STRATEGIES = ("full", "heuristic", "random")
+COLA_STRATEGIES = tuple(STRATEGIES)
 THETA_TYPES = ("lod", "act")
 OBJECTIVE_FUNCTIONS = tuple(OBJECTIVES)
 ACTIVATION_AWARE_MODES = ("inps", "outps")
@@ -73,8 +74,19 @@ class AiraMoeConfig(PeftConfig):
         metadata={
             "help": "How A and B experts collaborate: 'full' sums every pair (one LoRA-sized GEMM pair), "
             "'heuristic' binds each B to one A, 'random' pairs each A with one random B per training step "
-            "and uses the expectation in eval and merge. "
+            "and uses the expectation in eval and merge, 'routed' mixes the num_A * num_B pairs per token with a "
+            "trained softmax router (no merge, no LoRA export: serve it unmerged). "
         },
+    )
+    router_top_k: int = field(
+        default=0,
+        metadata={"help": "'routed' only: keep each token's router_top_k largest gates (not renormalised); 0 keeps "
+                          "all num_A * num_B gates (dense). "},
+    )
+    router_aux_loss_coef: float = field(
+        default=0.01,
+        metadata={"help": "'routed' only: weight of the load-balancing loss (Switch Transformer's E * sum f_e P_e, "
+                          "averaged over layers) added to the training loss; 0 turns it off. "},
     )
     cola_seed: int = field(
         default=0, metadata={"help": "Seed of the per-step pairing of the 'random' strategy (same on every rank). "}
@@ -223,6 +235,22 @@ class AiraMoeConfig(PeftConfig):
         _require_at_least("num_A", self.num_A, 1)
         _require_at_least("num_B", self.num_B, 1)
         _require_choice("cola_strategy", self.cola_strategy, COLA_STRATEGIES)
+        _require_at_least("router_top_k", self.router_top_k, 0)
+        if self.router_top_k > self.num_A * self.num_B:
+            raise ValueError(f"`router_top_k` must be <= num_A * num_B = {self.num_A * self.num_B} (the number of "
+                             f"routed pairs), got {self.router_top_k!r}.")
+        if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
+                or not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
+        routed = STRATEGIES[self.cola_strategy].token_dependent
+        if self.router_top_k and not routed:
+            raise ValueError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
+                             f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
+        if (routed and 0 < self.router_top_k < self.num_A * self.num_B and self.use_awsvd_init
+                and self.awsvd_mode == "residual"):
+            raise ValueError(f"`awsvd_mode`='residual' with `cola_strategy`='routed' needs dense gates "
+                             f"(`router_top_k`=0), got `router_top_k`={self.router_top_k}: top-k gates do not sum to "
+                             "one, so the adapter would not start at the update subtracted from the base weight.")
         _require_choice("theta_type", self.theta_type, THETA_TYPES)
         _require_choice("objective_function", self.objective_function, OBJECTIVE_FUNCTIONS)
         _require_choice("activation_aware_mode", self.activation_aware_mode, ACTIVATION_AWARE_MODES)
@@ -268,6 +296,7 @@ class AiraMoeConfig(PeftConfig):
             "init_weights": self.init_weights,
             "activation_mode": self.activation_aware_mode if self.use_activation_aware else None,
             "with_initial_factors": self.use_awsvd_init and self.awsvd_mode == "residual",
+            "router_top_k": self.router_top_k,
         }
 
     @property

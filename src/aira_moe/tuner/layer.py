@@ -13,15 +13,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import (
-    adapter_scaling,
-    concat_padded,
-    effective_factors,
-    heuristic_pairing,
-    pairing_total,
-    random_pairings,
-)
+from .collaboration import CollaborationStrategy, adapter_scaling, concat_padded, get_strategy, random_pairings
 from .quantized import quantization_kind
+from .routing import RoutingLog, routed_factors, routed_update
 
 
 # device type -> the inner dimension of the two adapter GEMMs is padded to a multiple of this: on CUDA an allocated
@@ -33,12 +27,13 @@ RANK_MULTIPLE = {"cuda": 8}
 class StepCounter:
     """Training-forward counter shared by all layers of one model. The 'random' strategy's pairings are drawn once per
     step for all layers (``pairings``), so a gradient-checkpointing recompute of the same step sees the same
-    pairing."""
+    pairing; the 'routed' layers record their load-balancing losses and statistics in ``routing``."""
 
     def __init__(self) -> None:
         self.value = 0
         self.num_layers = 0
         self._tables: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self.routing = RoutingLog()
 
     def register_layer(self) -> int:
         """The row of a new layer in every pairing table (layers are created in module order on every rank)."""
@@ -60,8 +55,9 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 class AiraMoeLayer(BaseTunerLayer):
-    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts
-    adapter_layer_names = ("aira_moe_A", "aira_moe_B")
+    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts ('routed': and the
+    # router's weight and bias)
+    adapter_layer_names = ("aira_moe_A", "aira_moe_B", "aira_moe_router_weight", "aira_moe_router_bias")
     other_param_names = (
         "r",
         "lora_alpha",
@@ -78,11 +74,14 @@ class AiraMoeLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.strategy: dict[str, str] = {}
+        self.strategy: dict[str, CollaborationStrategy] = {}
         self.cola_seed: dict[str, int] = {}
+        self.router_top_k: dict[str, int] = {}
         self.activation_mode: dict[str, str] = {}
         self.aira_moe_A = nn.ParameterDict({})  # adapter -> (num_A, r, in)
         self.aira_moe_B = nn.ParameterDict({})  # adapter -> (num_B, out, r)
+        self.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in), 'routed' only
+        self.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
         self.aira_moe_dropout = nn.ModuleDict({})
         # fixed per-channel weights of the update (activation-aware weighting); shipped with the adapter
         self.aira_moe_channel_scale = BufferDict({}, persistent=True)
@@ -141,6 +140,7 @@ class AiraMoeLayer(BaseTunerLayer):
         activation_mode: Optional[str] = None,
         with_initial_factors: bool = False,
         scaling_rank: Optional[int] = None,
+        router_top_k: int = 0,
     ) -> None:
         """Create (or re-create with a new rank) the experts of ``adapter_name``. The scale is lora_alpha / r (or
         / sqrt(r) with rsLoRA), with ``scaling_rank`` in place of r when given (layer_scaling='base')."""
@@ -151,19 +151,24 @@ class AiraMoeLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, use_rslora, scaling_rank)
-        self.strategy[adapter_name] = cola_strategy
+        strategy = self.strategy[adapter_name] = get_strategy(cola_strategy)
         self.cola_seed[adapter_name] = cola_seed
+        self.router_top_k[adapter_name] = router_top_k
         self.aira_moe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.aira_moe_A[adapter_name] = nn.Parameter(torch.empty(num_A, r, self.in_features))
         self.aira_moe_B[adapter_name] = nn.Parameter(torch.empty(num_B, self.out_features, r))
-        if cola_strategy == "heuristic":
-            self.aira_moe_pairing[adapter_name] = heuristic_pairing(num_A, num_B)
+        pairing = strategy.fixed_pairing(num_A, num_B)
+        if pairing is not None:
+            self.aira_moe_pairing[adapter_name] = pairing
+        if strategy.token_dependent:
+            self.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, self.in_features))
+            self.aira_moe_router_bias[adapter_name] = nn.Parameter(torch.zeros(num_B * num_A))
         self.activation_mode[adapter_name] = activation_mode
         if activation_mode is not None:
             size = self.in_features if activation_mode == "inps" else self.out_features
             self.aira_moe_channel_scale[adapter_name] = torch.ones(size)
         if with_initial_factors:
-            width = r if cola_strategy in ("full", "random") else num_A * r
+            width = strategy.initial_width(r, num_A)
             self.aira_moe_init_A[adapter_name] = torch.zeros(width, self.in_features)
             self.aira_moe_init_B[adapter_name] = torch.zeros(self.out_features, width)
         self.reset_parameters(adapter_name, init_weights)
@@ -181,6 +186,11 @@ class AiraMoeLayer(BaseTunerLayer):
                 experts_B.zero_()
             else:
                 nn.init.normal_(experts_B, std=1.0 / math.sqrt(experts_B.shape[-1]))
+            if adapter_name in self.aira_moe_router_weight:
+                # nn.Linear's init, from the same seeded generator as the A experts: random, so that pairs sharing
+                # an A do not start with equal gates (with B = 0 they would get equal gradients and stay equal)
+                nn.init.kaiming_uniform_(self.aira_moe_router_weight[adapter_name], a=math.sqrt(5))
+                self.aira_moe_router_bias[adapter_name].zero_()
 
     def set_channel_scale(self, adapter_name: str, scale: torch.Tensor) -> None:
         """Set the fixed per-channel weights of the update (activation-aware weighting)."""
@@ -199,11 +209,16 @@ class AiraMoeLayer(BaseTunerLayer):
         """
         experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
         num_A, num_B = experts_A.shape[0], experts_B.shape[0]
-        total = pairing_total(self.strategy[adapter_name], num_A, num_B)
+        strategy = self.strategy[adapter_name]
+        total = strategy.pairing_total(num_A, num_B)
         with torch.no_grad():
             experts_A.copy_(target_A.to(experts_A).unsqueeze(0).expand_as(experts_A))
             experts_B.copy_((target_B.to(torch.float32) / (self.scaling[adapter_name] * total)).to(experts_B).unsqueeze(0).expand_as(experts_B))
-        factor_A, factor_B = self._factors(adapter_name, training=False)
+        if strategy.token_dependent:  # every pair equals the target and every token's gates sum to one: one pair
+            channel, scaling = self._channel_weights(adapter_name, experts_A.dtype)
+            factor_A, factor_B = routed_factors(experts_A[:1], experts_B[:1], scaling=scaling, **channel)
+        else:
+            factor_A, factor_B = self._factors(adapter_name, training=False)
         self.aira_moe_init_A[adapter_name] = factor_A.detach().float().contiguous().clone()
         self.aira_moe_init_B[adapter_name] = factor_B.detach().float().contiguous().clone()
         self._sync_residual(adapter_name)
@@ -250,38 +265,56 @@ class AiraMoeLayer(BaseTunerLayer):
 
     # ---------------------------------------------------------------- math
 
+    def _channel_weights(self, adapter_name: str, dtype: torch.dtype) -> tuple[dict, float]:
+        """The fixed channel weights as fold arguments ({'in_scale' or 'out_scale': weight} or {}) with the scale
+        pre-multiplied into them when there are some, and the scale left to apply (1.0 then)."""
+        scaling = self.scaling[adapter_name]
+        mode = self.activation_mode.get(adapter_name)
+        if mode is None:
+            return {}, scaling
+        # an output weight is kept as a column (out, 1), ready to broadcast over B's columns without a view per call
+        channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype,
+                               as_column=mode == "outps")
+        return {"in_scale" if mode == "inps" else "out_scale": channel}, 1.0
+
     def _factors(self, adapter_name: str, training: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_eff, B_eff) with dW = B_eff @ A_eff, in ``dtype``; see collaboration.effective_factors. The scale is
+        """(A_eff, B_eff) with dW = B_eff @ A_eff, in ``dtype``; see collaboration.fold_experts. The scale is
         pre-multiplied into a fixed channel weight or pairing when there is one, so a training step spends no kernel
         on it."""
         strategy = self.strategy[adapter_name]
         experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
         dtype = dtype or experts_A.dtype
-        scaling = self.scaling[adapter_name]
-        mode = self.activation_mode.get(adapter_name)
-        channel = pairing = None
-        if mode is not None:
-            # an output weight is kept as a column (out, 1), ready to broadcast over B's columns without a view per call
-            channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype,
-                                   as_column=mode == "outps")
-            scaling = 1.0
-        if strategy == "heuristic":
+        channel, scaling = self._channel_weights(adapter_name, dtype)
+        pairing = None
+        if strategy.has_fixed_pairing:
             pairing = self._folded(adapter_name, "pairing", self.aira_moe_pairing[adapter_name], scaling, experts_B.dtype)
             scaling = 1.0
-        elif strategy == "random" and training:
+        elif strategy.samples_pairing and training:
             pairing = self.step_counter.pairings(
                 self.cola_seed[adapter_name], experts_A.shape[0], experts_B.shape[0], experts_B.device
             )[self.pairing_row]
-        return effective_factors(
-            experts_A,
-            experts_B,
-            strategy=strategy,
-            scaling=scaling,
-            pairing=pairing,
-            in_scale=channel if mode == "inps" else None,
-            out_scale=channel if mode == "outps" else None,
-            dtype=dtype,
+        return strategy.fold(experts_A, experts_B, scaling=scaling, pairing=pairing, dtype=dtype, **channel)
+
+    def _routed_update(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The 'routed' update of ``x`` (see routing.py): three token-sized GEMMs and one batched mix; in training the
+        gates' load-balancing loss and statistics are recorded for the model's training loss and log."""
+        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
+        channel, scaling = self._channel_weights(adapter_name, dtype)
+        factor_A, factor_B = routed_factors(experts_A, experts_B, scaling=scaling, dtype=dtype, **channel)
+        dropout = self.aira_moe_dropout[adapter_name]
+        router_weight = self.aira_moe_router_weight[adapter_name]
+        update, probs, dispatch = routed_update(
+            x if isinstance(dropout, nn.Identity) else dropout(x), x, factor_A, factor_B, router_weight.to(dtype),
+            self.aira_moe_router_bias[adapter_name].to(dtype), experts_A.shape[0], experts_B.shape[0],
+            self.router_top_k[adapter_name],
         )
+        if self.training:
+            self.step_counter.routing.record(probs, dispatch, detached=router_weight.requires_grad and not torch.is_grad_enabled())
+        if self.base_quantization is not None and adapter_name in self.aira_moe_init_A:  # the residual, see forward
+            init_A = self._folded(adapter_name, "init_A", self.aira_moe_init_A[adapter_name], 1.0, dtype)
+            init_B = self._folded(adapter_name, "init_B", self.aira_moe_init_B[adapter_name], -1.0, dtype)
+            update = update + F.linear(F.linear(x, init_A), init_B)
+        return update
 
     def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (shape, like.dtype, like.device)
@@ -341,6 +374,9 @@ class Linear(nn.Module, AiraMoeLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        for active_adapter in adapter_names:
+            if active_adapter in self.strategy:
+                self.strategy[active_adapter].check_fixed_update(f"merged into the weight of {self.layer_key}")
         if self.base_quantization is not None:
             raise ValueError(
                 f"cannot merge aira_moe into the {self.base_quantization} quantised weight of {self.layer_key}: load the "
@@ -388,7 +424,7 @@ class Linear(nn.Module, AiraMoeLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._restore_residual(adapter_name)
-        for table in (self.strategy, self.cola_seed, self.activation_mode):
+        for table in (self.strategy, self.cola_seed, self.router_top_k, self.activation_mode):
             table.pop(adapter_name, None)
         for key in [key for key in self._folded_cache if key[0] == adapter_name]:
             del self._folded_cache[key]
@@ -400,7 +436,7 @@ class Linear(nn.Module, AiraMoeLayer):
         device = device or weight.device
         if device.type == "meta":
             return
-        for name in ("aira_moe_A", "aira_moe_B"):
+        for name in self.adapter_layer_names:
             table = getattr(self, name)
             # low_cpu_mem_usage: peft built the adapter on the meta device; loading assigns the real tensors
             if adapter_name in table and not table[adapter_name].is_meta:
@@ -431,7 +467,11 @@ class Linear(nn.Module, AiraMoeLayer):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         rank_multiple = RANK_MULTIPLE.get(device_type, 1)
         for active_adapter in active:
-            if autocast and self.strategy[active_adapter] != "full":
+            strategy = self.strategy[active_adapter]
+            if strategy.token_dependent:
+                result = result + self._routed_update(active_adapter, x, compute_dtype).to(result.dtype)
+                continue
+            if autocast and strategy.fold_has_gemm:
                 # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype. Inside an
                 # enclosing autocast region, switching the flag is all torch.autocast(enabled=False) would do; its
                 # Python context manager costs as much host time as the rest of the fold

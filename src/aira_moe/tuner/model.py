@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -39,6 +40,28 @@ class AiraMoeModel(BaseTuner):
     def _count_training_step(self, module: nn.Module, args) -> None:
         if module.training:
             self.step_counter.value += 1
+            self.step_counter.routing.new_forward()
+
+    def routing_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """``router_aux_loss_coef`` times the mean load-balancing loss of the 'routed' layers in the last training
+        forward (add it to the training loss; the LLaMA-Factory integration does), or None when no routed layer ran."""
+        log = self.step_counter.routing
+        if not log.losses:
+            return None
+        if log.detached and torch.is_grad_enabled():
+            raise RuntimeError(
+                "the routed adapter's load-balancing loss was computed without autograd, so it cannot train the router: "
+                "reentrant gradient checkpointing runs the layers under no_grad; use non-reentrant checkpointing "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False}; LLaMA-Factory: `use_reentrant_gc: false`)"
+            )
+        coefficient = self.peft_config[adapter_name or self.active_adapters[0]].router_aux_loss_coef
+        device = log.losses[0].device
+        return coefficient * torch.stack([loss.to(device) for loss in log.losses]).mean()
+
+    def routing_summary(self) -> dict[str, float]:
+        """Means since the last call of the routed layers' load-balancing loss, gate entropy and expert load (see
+        routing.RoutingLog.summary); empty without routed layers."""
+        return self.step_counter.routing.summary()
 
     def _create_and_replace(
         self,

@@ -1,0 +1,280 @@
+"""The 'routed' strategy: a per-token router over the (B_j, A_i) pairs, against references written out by hand."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from conftest import make_tiny_llama, random_batches
+from peft import PeftModel, get_peft_model
+
+from aira_moe import AiraMoeConfig
+from aira_moe.tuner.collaboration import TokenDependentUpdate, heuristic_pairing
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def one_layer(strategy, top_k=0, coef=0.0, seed=0, **kwargs):
+    """A routed (or fixed) aira_moe around one fp64 Linear(16 -> 12), r=3, 2x3 experts, random non-zero B."""
+    torch.manual_seed(seed)
+    config = AiraMoeConfig(r=3, lora_alpha=6, num_A=2, num_B=3, cola_strategy=strategy, target_modules=["0"],
+                           init_weights=False, router_top_k=top_k, router_aux_loss_coef=coef, **kwargs)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 12)).double(), config)
+    return model, model.base_model.model[0]
+
+
+def update_of(layer, x):
+    return layer(x) - layer.base_layer(x)
+
+
+@pytest.mark.parametrize("fixed", ["full", "heuristic"])
+@pytest.mark.parametrize("training", [False, True])
+def test_frozen_constant_router_equals_the_fixed_pairing(fixed, training):
+    """Router weight 0 and bias log(M): the gates are M / sum(M) for every token, so the routed update is the fixed
+    pairing's (same experts) divided by sum(M) -- outputs and expert gradients, fp64."""
+    _, routed = one_layer("routed")
+    _, reference = one_layer(fixed)
+    pairing = torch.ones(3, 2, dtype=torch.float64) if fixed == "full" else heuristic_pairing(2, 3).double()
+    with torch.no_grad():
+        reference.aira_moe_A["default"].copy_(routed.aira_moe_A["default"])
+        reference.aira_moe_B["default"].copy_(routed.aira_moe_B["default"])
+        routed.aira_moe_router_weight["default"].zero_()
+        routed.aira_moe_router_bias["default"].copy_(pairing.log().flatten())  # log 0 = -inf: gate exactly 0
+    routed.aira_moe_router_weight["default"].requires_grad_(False)
+    routed.aira_moe_router_bias["default"].requires_grad_(False)
+    routed.train(training)
+    reference.train(training)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    got, want = update_of(routed, x), update_of(reference, x) / pairing.sum()
+    assert ((got - want).norm() / want.norm()).item() <= 1e-10
+    upstream = torch.randn_like(got)
+    params = lambda layer: (layer.aira_moe_A["default"], layer.aira_moe_B["default"])  # noqa: E731
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), params(routed)),
+                    torch.autograd.grad((want * upstream).sum(), params(reference))):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-10
+
+
+def reference_loop(layer, x, top_k, in_scale=None):
+    """Per token: logits = W_r x + b, p = softmax, keep the top_k (all when 0), y = s sum_e p_e B_j A_i x (e = j num_A
+    + i); and the load-balancing loss E sum_e f_e P_e. Written one token and one chosen expert at a time."""
+    experts_A, experts_B = layer.aira_moe_A["default"], layer.aira_moe_B["default"]
+    weight, bias = layer.aira_moe_router_weight["default"], layer.aira_moe_router_bias["default"]
+    num_A, num_B = experts_A.shape[0], experts_B.shape[0]
+    num_experts = num_A * num_B
+    tokens = x.reshape(-1, x.shape[-1])
+    outputs, probs, counts = [], [], torch.zeros(num_experts, dtype=x.dtype)
+    for token in tokens:
+        p = torch.softmax(weight @ token + bias, dim=0)
+        chosen = range(num_experts) if top_k == 0 else torch.topk(p, top_k).indices.tolist()
+        dispatched = [int(torch.argmax(p))] if top_k == 0 else chosen
+        for e in dispatched:
+            counts[e] += 1
+        seen = token if in_scale is None else token * in_scale
+        out = torch.zeros(experts_B.shape[1], dtype=x.dtype)
+        for e in chosen:
+            j, i = divmod(int(e), num_A)
+            out = out + p[e] * (experts_B[j] @ (experts_A[i] @ seen))
+        outputs.append(layer.scaling["default"] * out)
+        probs.append(p)
+    fraction = counts / counts.sum()
+    aux = num_experts * (fraction * torch.stack(probs).mean(0)).sum()
+    return torch.stack(outputs).reshape(*x.shape[:-1], -1), aux
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 0])
+def test_routing_equals_a_per_token_reference_loop_with_its_gradients(top_k):
+    model, layer = one_layer("routed", top_k=top_k, coef=0.3)
+    model.train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    got = model(x) - layer.base_layer(x)
+    aux = model.base_model.routing_loss()
+    want, want_aux = reference_loop(layer, x, top_k)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-10
+    assert abs(aux.item() - 0.3 * want_aux.item()) <= 1e-12
+    upstream = torch.randn_like(got)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 4  # A, B, router weight, router bias
+    grads = torch.autograd.grad((got * upstream).sum() + aux, params)
+    reference_grads = torch.autograd.grad((want * upstream).sum() + 0.3 * want_aux, params)
+    for a, b in zip(grads, reference_grads):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-10
+    # eval is deterministic and records nothing
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_channel_weights_and_the_router_input():
+    """inps weighting scales what the A side reads; the router reads the layer input itself."""
+    model, layer = one_layer("routed", top_k=1, use_activation_aware=True, activation_aware_mode="inps",
+                             calibrated=True)
+    layer.set_channel_scale("default", torch.rand(16, dtype=torch.float64) + 0.5)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = reference_loop(layer, x, 1, in_scale=layer.aira_moe_channel_scale["default"])
+        got = update_of(layer.eval(), x)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-10
+
+
+def test_merge_and_lora_export_refuse_in_one_line(tmp_path):
+    model, layer = one_layer("routed")
+    with pytest.raises(TokenDependentUpdate) as merge_error:
+        model.merge_and_unload()
+    message = str(merge_error.value)
+    assert "\n" not in message and "depends on the token" in message and "unmerged" in message
+    assert torch.equal(layer.base_layer.weight, layer.get_base_layer().weight)  # nothing half-merged
+    assert not layer.merged
+    with pytest.raises(TokenDependentUpdate, match="exported as a standard LoRA"):
+        model.base_model.to_lora_adapter(str(tmp_path / "lora"))
+    assert not (tmp_path / "lora").exists()
+    model.save_pretrained(tmp_path / "adapter")
+    result = subprocess.run(["aira-moe", "export-lora", "--adapter", str(tmp_path / "adapter"), "--out",
+                             str(tmp_path / "lora")], capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "depends on the token" in lines[0] and "llamafactory-cli chat" in lines[0]
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(router_top_k=7), r"`router_top_k` must be <= num_A \* num_B = 6 .*got 7"),
+    (dict(router_top_k=-1), r"`router_top_k` must be an integer >= 0, got -1"),
+    (dict(router_aux_loss_coef=-0.5), r"`router_aux_loss_coef` must be a number >= 0, got -0.5"),
+    (dict(router_top_k=2, cola_strategy="full"), r"`router_top_k`=2 needs `cola_strategy`='routed'"),
+    (dict(router_top_k=2, use_awsvd_init=True, awsvd_mode="residual"), r"`awsvd_mode`='residual' .* `router_top_k`=2"),
+])
+def test_bad_router_values_name_key_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AiraMoeConfig(**{"num_A": 2, "num_B": 3, "cola_strategy": "routed", **kwargs})
+
+
+def routed_llama(**kwargs):
+    config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, cola_strategy="routed", target_modules=ALL_TARGETS,
+                           **kwargs)
+    return get_peft_model(make_tiny_llama(), config)
+
+
+def train_steps(model, input_ids, steps, optimizer=None):
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss + model.base_model.routing_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_reload_and_resume_are_exact(input_ids, tmp_path):
+    """3 steps, save the adapter and the optimizer, reload both into a fresh model, 3 more steps == 6 straight."""
+    straight = routed_llama(router_top_k=2)
+    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    train_steps(straight, input_ids, 6)
+    first = routed_llama(router_top_k=2)
+    first.load_state_dict(start)
+    optimizer = train_steps(first, input_ids, 3)
+    first.save_pretrained(tmp_path / "ckpt")
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    resumed = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "ckpt", is_trainable=True)
+    resumed.eval()
+    first.eval()
+    with torch.no_grad():  # reload == before save
+        assert torch.equal(resumed(input_ids).logits, first(input_ids).logits)
+    optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    train_steps(resumed, input_ids, 3, optimizer)
+    for key, value in straight.state_dict().items():
+        if "aira_moe_" in key:
+            assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_load_balancing_loss_reaches_the_router_through_non_reentrant_checkpointing(input_ids):
+    """The loss is recorded inside checkpointed layers: non-reentrant checkpointing gives the router the gradients of
+    a run without checkpointing; reentrant checkpointing (no autograd in its first pass) is refused, naming the fix."""
+    grads = {}
+    for mode in ("none", "non_reentrant", "reentrant"):
+        model = routed_llama(router_top_k=1, router_aux_loss_coef=1.0, init_weights=False)
+        if mode != "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+            model.enable_input_require_grads()
+        model.train()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if mode == "reentrant":
+            with pytest.raises(RuntimeError, match="use_reentrant_gc: false"):
+                model.base_model.routing_loss()
+            continue
+        (loss + model.base_model.routing_loss()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
+    assert grads["none"] and grads["none"].keys() == grads["non_reentrant"].keys()
+    for name, grad in grads["none"].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads["non_reentrant"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_techniques_compose_and_the_residual_init_keeps_the_output(input_ids):
+    """Layer-wise ranks, AwSVD ('residual': the A and B experts start at the activation-weighted top directions, the
+    base weight holds the rest) and channel weighting on a routed adapter: output unchanged at step 0, then it
+    trains; the routing statistics are logged."""
+    model = make_tiny_llama(num_layers=3)
+    reference = model(input_ids).logits.detach()
+    config = AiraMoeConfig(r=4, num_A=2, num_B=3, cola_strategy="routed", target_modules=ALL_TARGETS,
+                           use_layer_wise_rank=True, rank_budget=10, min_rank=1, max_rank=6,
+                           objective_function="linear", use_awsvd_init=True, awsvd_mode="residual",
+                           use_activation_aware=True, awsvd_collect_steps=2)
+    peft_model = get_peft_model(model, config)
+    peft_model.calibrate(random_batches(2))
+    ranks = set(config.rank_pattern.values())
+    assert len(ranks) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids).logits, reference, rtol=1e-4, atol=1e-4)
+    losses = []
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(4):
+        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        (loss + peft_model.base_model.routing_loss()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    summary = peft_model.base_model.routing_summary()
+    assert set(summary) == {"router_aux_loss", "routing_entropy", "expert_load_min", "expert_load_max"}
+    assert 1.0 <= summary["router_aux_loss"] <= 6.0 and 0 < summary["routing_entropy"] <= torch.log(torch.tensor(6.0))
+    assert summary["expert_load_min"] <= 1.0 <= summary["expert_load_max"]
+    assert peft_model.base_model.routing_summary() == {}  # reset after each read
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _routed_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # different RNG state per rank: the router's init would differ without the broadcast
+    config = AiraMoeConfig(r=4, num_A=2, num_B=3, cola_strategy="routed", target_modules=ALL_TARGETS,
+                           use_activation_aware=True, awsvd_collect_steps=2)
+    peft_model = get_peft_model(make_tiny_llama(), config)
+    peft_model.calibrate(random_batches(2, seed=10 + rank))
+    state = {k: v.clone() for k, v in peft_model.state_dict().items() if "aira_moe_" in k}
+    torch.save(state, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_start_with_the_same_router(tmp_path):
+    mp.start_processes(_routed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert any("aira_moe_router_weight" in k for k in zero) and zero.keys() == one.keys()
+    for key in zero:
+        assert torch.equal(zero[key], one[key]), key
