@@ -335,3 +335,49 @@ def test_rerunning_a_finished_run_trains_nothing_and_overwrites_nothing(assets, 
     code, log = run_cli("train", train_args(assets, out, max_steps=3, save_steps=1, overwrite_output_dir=False), tmp_path)
     assert "Resuming training" in log and "calibration skipped" in log
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_routed_trains_logs_routing_resumes_exactly_chats_and_refuses_export(assets, tmp_path):
+    """`cola_strategy: routed` with every technique: trains with the load-balancing loss (statistics in the log
+    history), resumes from a checkpoint to the uninterrupted run's weights, chats unmerged, and `llamafactory-cli
+    export` refuses it in one line (exit 2) before loading the model."""
+    routed = {"cola_strategy": "routed", "router_top_k": 2, "router_aux_loss_coef": 0.05}
+    straight = tmp_path / "straight"
+    _, log = run_cli("train", train_args(assets, straight, **routed), tmp_path)
+    assert "non-reentrant gradient checkpointing" in log and "aira_moe routing at step 6" in log
+    losses = logged_losses(straight)
+    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+    history = json.loads((straight / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 6 and all(1.0 <= entry["router_aux_loss"] <= 6.0 and entry["routing_entropy"] > 0
+                                    and entry["expert_load_min"] <= 1.0 <= entry["expert_load_max"] for entry in logged)
+    assert len(set(rank_pattern(straight).values())) > 1
+    tensors = load_adapter_tensors(straight)
+    assert any("aira_moe_router_weight" in key for key in tensors)
+
+    resumed = tmp_path / "resumed"
+    _, log = run_cli("train", train_args(assets, resumed, resume_from_checkpoint=str(straight / "checkpoint-3"),
+                                         **routed), tmp_path)
+    assert "calibration skipped" in log
+    again = load_adapter_tensors(resumed)
+    assert again.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.allclose(again[key], tensors[key], atol=1e-5), key
+
+    script = (
+        "from llamafactory.chat import ChatModel\n"
+        f"chat = ChatModel(dict(model_name_or_path={assets['model']!r}, adapter_name_or_path={str(straight)!r}, "
+        "finetuning_type='aira_moe', template='default', infer_backend='huggingface', max_new_tokens=4, do_sample=False))\n"
+        "print('REPLY', repr(chat.chat([{'role': 'user', 'content': 'What is 2 + 3?'}])[0].response_text))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REPLY" in result.stdout and "serving the routed adapter" in result.stderr
+
+    code, log = run_cli("export", {"model_name_or_path": assets["model"], "adapter_name_or_path": str(straight),
+                                   "finetuning_type": "aira_moe", "template": "default",
+                                   "export_dir": str(tmp_path / "merged")}, tmp_path, check=False)
+    refusals = [line for line in log.splitlines() if "depends on the token" in line]
+    assert code == 2 and len(refusals) == 1 and "llamafactory-cli chat / api" in refusals[0]
+    assert "all params" not in log and not (tmp_path / "merged").exists()

@@ -10,7 +10,9 @@ workers get it too). It patches, in place and by name:
 * ``model.adapter.init_adapter`` (and the name imported into ``model.loader``): builds / loads the adapter;
 * ``data.get_dataset``: keeps the tokenised train split for calibration;
 * ``train.trainer_utils.create_ref_model``: DPO / KTO / PPO get no second model copy (the adapter is disabled for
-  the reference pass, as for lora).
+  the reference pass, as for lora);
+* ``train.tuner._training_function``: adds a callback that writes the 'routed' strategy's routing statistics into
+  the training log (inert for every other run).
 Anything missing raises with the expected LLaMA-Factory version; there is no fallback.
 """
 
@@ -180,12 +182,41 @@ def check_train_config(args: dict) -> str:
             f"output_dir {training_args.output_dir}")
 
 
+def _token_dependent_adapters(paths) -> list[str]:
+    """The local aira_moe adapters among ``paths`` whose update depends on the token ('routed'): never merged."""
+    from ..tuner.collaboration import get_strategy
+
+    found = []
+    for path in paths or []:
+        config_path = os.path.join(os.path.expanduser(path), "adapter_config.json")
+        if not os.path.isfile(config_path):
+            continue
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
+            found.append(path)
+    return found
+
+
+def _refuse_merging_routed_export(model_args) -> None:
+    """``llamafactory-cli export`` merges the adapters into the weights: a routed one cannot be; one line, exit 2,
+    before the model is loaded."""
+    from ..tuner.collaboration import get_strategy
+
+    routed = _token_dependent_adapters(model_args.adapter_name_or_path) if model_args.export_dir else []
+    if routed:
+        refusal = get_strategy("routed").fixed_update_refusal("merged by `llamafactory-cli export`")
+        sys.stderr.write(f"aira_moe: {routed[0]}: {refusal}\n")
+        raise SystemExit(2)
+
+
 def _patched_verify_model_args(original):
     @functools.wraps(original)
     def verify(model_args, data_args, finetuning_args):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
         require_adapter_dirs(model_args.adapter_name_or_path)
+        _refuse_merging_routed_export(model_args)
         if model_args.quantization_bit is not None:
             method = getattr(model_args.quantization_method, "value", model_args.quantization_method)
             if method != "bnb" or model_args.quantization_bit not in (4, 8):
@@ -213,6 +244,7 @@ def _patched_check_extra_dependencies(original):
 
         _stop_if_run_is_complete(training_args)
         _state.training_args = training_args
+        _use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args)
         # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
         # DDP + reentrant checkpointing dies with find_unused_parameters=True
         if training_args.parallel_mode == ParallelMode.DISTRIBUTED and training_args.ddp_find_unused_parameters is None:
@@ -220,6 +252,17 @@ def _patched_check_extra_dependencies(original):
         training_args.label_names = training_args.label_names or ["labels"]
 
     return check
+
+
+def _use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args) -> None:
+    """'routed' records its load-balancing loss inside the checkpointed decoder layers; reentrant checkpointing runs
+    them without autograd, so that loss could not train the router (LLaMA-Factory itself switches for fsdp2)."""
+    from ..tuner.collaboration import get_strategy
+
+    if get_strategy(finetuning_args.cola_strategy).token_dependent and model_args.use_reentrant_gc:
+        model_args.use_reentrant_gc = False
+        logger.info("aira_moe: `cola_strategy: routed` uses non-reentrant gradient checkpointing "
+                    "(`use_reentrant_gc` set to false) so that its load-balancing loss reaches the router.")
 
 
 def _completed_run(training_args) -> Optional[dict]:
@@ -321,11 +364,19 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
         )
     adapters = list(model_args.adapter_name_or_path or [])
     to_merge = adapters if (not is_trainable or finetuning_args.create_new_adapter) else adapters[:-1]
+    unmerged = _token_dependent_adapters(to_merge)  # 'routed' adapters cannot be merged: the last one is served as is
+    if unmerged and (unmerged != adapters[-1:] or is_trainable):
+        raise ValueError(f"`adapter_name_or_path`: {unmerged[0]} is a routed adapter, which cannot be merged into the "
+                         "weights (its update depends on the token); list it last, with no new adapter on top of it")
+    to_merge = [path for path in to_merge if path not in unmerged]
     for path in to_merge:
         model = PeftModel.from_pretrained(model, path, offload_folder=model_args.offload_folder).merge_and_unload()
     if to_merge:
         logger.info("aira_moe: merged %d adapter(s): %s", len(to_merge), ", ".join(to_merge))
     if not is_trainable:
+        if unmerged:
+            model = PeftModel.from_pretrained(model, unmerged[0], offload_folder=model_args.offload_folder)
+            logger.info("aira_moe: serving the routed adapter %s unmerged", unmerged[0])
         return model
 
     resume = _find_resume_checkpoint()
@@ -347,12 +398,69 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
             loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
             model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
 
+    _add_routing_loss_to_training_loss(model)
     pure_half = finetuning_args.pure_bf16 or finetuning_args.use_badam
     if not pure_half and not is_deepspeed_zero3_enabled():
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
     return model
+
+
+def _add_routing_loss_to_training_loss(model) -> None:
+    """'routed': add the routers' load-balancing loss (``AiraMoeModel.routing_loss``) to the loss in the model's output,
+    the loss every Trainer backpropagates -- a forward hook, so no trainer class is touched. When the Trainer normalises
+    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share."""
+    from ..tuner.collaboration import get_strategy
+
+    tuner = model.base_model
+    if not any(get_strategy(config.cola_strategy).token_dependent for config in model.peft_config.values()):
+        return
+
+    def add_routing_loss(module, args, kwargs, output):
+        if not module.training or not isinstance(output, dict) or output.get("loss") is None:
+            return None
+        extra = tuner.routing_loss()
+        if extra is None:
+            return None
+        items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+        if items is not None and labels is not None:
+            extra = extra * (labels.ne(-100).sum() / items)
+        output["loss"] = output["loss"] + extra
+        return output
+
+    model.register_forward_hook(add_routing_loss, with_kwargs=True)
+
+
+def _routing_log_callback():
+    """A TrainerCallback that adds the routed layers' means since the last log (router_aux_loss, routing_entropy,
+    expert_load_min / _max) to the Trainer's log history and prints them; nothing for other adapters."""
+    from transformers import TrainerCallback
+
+    class RoutingLogCallback(TrainerCallback):
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            summary = getattr(getattr(model, "base_model", None), "routing_summary", dict)()
+            if not summary or logs is None or "loss" not in logs:
+                return
+            rounded = {key: round(value, 4) for key, value in summary.items()}
+            logs.update(rounded)
+            if state.log_history:
+                state.log_history[-1].update(rounded)
+            if state.is_world_process_zero:
+                logger.info("aira_moe routing at step %d: %s", state.global_step,
+                            ", ".join(f"{key} {value}" for key, value in rounded.items()))
+
+    return RoutingLogCallback()
+
+
+def _patched_training_function(original):
+    @functools.wraps(original)
+    def training_function(config):
+        config = dict(config)
+        config["callbacks"] = [*(config.get("callbacks") or []), _routing_log_callback()]
+        return original(config)
+
+    return training_function
 
 
 def _patched_create_ref_model(original):
@@ -426,3 +534,7 @@ def install() -> None:
         module = sys.modules.get(f"llamafactory.train.{workflow}.workflow")
         if module is not None:
             module.create_ref_model = lf_trainer_utils.create_ref_model
+    # last: importing the tuner imports every workflow, which must see the names patched above
+    import llamafactory.train.tuner as lf_tuner
+
+    _replace(lf_tuner, "_training_function", _patched_training_function)
