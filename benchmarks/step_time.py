@@ -65,6 +65,7 @@ def variants(rank: int, layers: int):
         "aira_full_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full"),
         "aira_heuristic_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="heuristic"),
         "aira_random_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="random"),
+        "aira_routed_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="routed"),
         "aira_techniques_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full", rank_pattern=pattern,
                                              use_activation_aware=True, use_awsvd_init=True, calibrated=True),
         "aira_techniques_odd_ranks_2x3": AiraMoeConfig(**base, num_A=2, num_B=3, cola_strategy="full",
@@ -103,8 +104,9 @@ def make_model(config, args, device, dtype):
     if args.bits:
         quantize_linears(base, args.bits, device, dtype)
     model = get_peft_model(base, config)
-    if args.checkpointing:  # as LLaMA-Factory trains by default
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if args.checkpointing:  # as LLaMA-Factory trains by default (non-reentrant for 'routed', as the seam sets it)
+        routed = getattr(config, "cola_strategy", None) == "routed"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": not routed})
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # trainable params in fp32, as LLaMA-Factory does
@@ -119,7 +121,9 @@ def one_step(model, optimizer, hidden, device):
     with autocast:
         out = model(inputs_embeds=hidden).last_hidden_state
         loss = out.float().pow(2).mean()
-    loss.backward()
+    routing_loss = getattr(model.base_model, "routing_loss", None)  # 'routed': its load-balancing loss, as trained
+    extra = routing_loss() if routing_loss is not None else None
+    (loss if extra is None else loss + extra).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -28,8 +28,8 @@ def test_step_time_reduced(tmp_path):
     run("step_time.py", "--size", "reduced", "--layers", "2", "--repeats", "1", "--steps", "1", "--warmup", "0",
         "--out", str(out))
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"lora", "aira_full_2x3", "aira_heuristic_2x3", "aira_random_2x3", "aira_techniques_2x3",
-                         "aira_techniques_odd_ranks_2x3"}
+    assert set(rows) == {"lora", "aira_full_2x3", "aira_heuristic_2x3", "aira_random_2x3", "aira_routed_2x3",
+                         "aira_techniques_2x3", "aira_techniques_odd_ranks_2x3"}
     assert rows["lora"]["ratio_time_vs_lora"] == 1.0
     # CoLA 2x3 at rank r: r * (2 * in + 3 * out) per module vs LoRA's r * (in + out)
     assert rows["aira_full_2x3"]["trainable_params"] > 2 * rows["lora"]["trainable_params"]

@@ -1,5 +1,6 @@
 """The 'routed' strategy: a per-token router over the (B_j, A_i) pairs, against references written out by hand."""
 
+from collections import Counter
 import os
 import socket
 import subprocess
@@ -278,3 +279,24 @@ def test_two_ranks_start_with_the_same_router(tmp_path):
     assert any("aira_moe_router_weight" in k for k in zero) and zero.keys() == one.keys()
     for key in zero:
         assert torch.equal(zero[key], one[key]), key
+
+
+# ----------------------------------------------------------------------------- op count (see test_op_count.py)
+
+
+def test_routed_step_is_a_fixed_number_of_ops_whatever_the_number_of_experts():
+    """One forward + backward of the tiny bf16 Llama under autocast, 14 routed modules: per module the token-sized
+    work is 3 GEMMs forward (router, A side, B side) and 1 batched gate mix, each with its backward -- pinned, and the
+    same for 2x3 and 3x4 experts (no loop over experts). 44 kernels a module against LoRA's 18."""
+    from test_op_count import RANK, TARGETS, count_step
+
+    frozen = count_step(None)
+    modules = 2 * len(TARGETS)
+    per_module = Counter({"mm": 8, "bmm": 3, "addmm": 1, "_softmax": 1, "_softmax_backward_data": 1, "add": 3,
+                          "_to_copy": 4, "mean": 2, "sum": 2, "topk": 1, "zeros_like": 1, "scatter_": 1, "xlogy": 1})
+    for num_A, num_B in ((2, 3), (3, 4)):
+        counter = count_step(AiraMoeConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, num_A=num_A,
+                                           num_B=num_B, cola_strategy="routed"))
+        token_sized = counter.token_sized - frozen.token_sized
+        assert token_sized == Counter({op: n * modules for op, n in per_module.items()}), (num_A, num_B, token_sized)
+        assert sum((counter.kernels - frozen.kernels).values()) == 44 * modules

@@ -303,13 +303,14 @@ class AiraMoeLayer(BaseTunerLayer):
         factor_A, factor_B = routed_factors(experts_A, experts_B, scaling=scaling, dtype=dtype, **channel)
         dropout = self.aira_moe_dropout[adapter_name]
         router_weight = self.aira_moe_router_weight[adapter_name]
+        num_A, num_B, top_k = experts_A.shape[0], experts_B.shape[0], self.router_top_k[adapter_name]
         update, probs, dispatch = routed_update(
             x if isinstance(dropout, nn.Identity) else dropout(x), x, factor_A, factor_B, router_weight.to(dtype),
-            self.aira_moe_router_bias[adapter_name].to(dtype), experts_A.shape[0], experts_B.shape[0],
-            self.router_top_k[adapter_name],
+            self.aira_moe_router_bias[adapter_name].to(dtype), num_A, num_B, top_k,
         )
         if self.training:
-            self.step_counter.routing.record(probs, dispatch, detached=router_weight.requires_grad and not torch.is_grad_enabled())
+            self.step_counter.routing.record(probs, dispatch, per_token=top_k if 0 < top_k < num_A * num_B else 1,
+                                             detached=router_weight.requires_grad and not torch.is_grad_enabled())
         if self.base_quantization is not None and adapter_name in self.aira_moe_init_A:  # the residual, see forward
             init_A = self._folded(adapter_name, "init_A", self.aira_moe_init_A[adapter_name], 1.0, dtype)
             init_B = self._folded(adapter_name, "init_B", self.aira_moe_init_B[adapter_name], -1.0, dtype)

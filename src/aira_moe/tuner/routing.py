@@ -59,7 +59,7 @@ def router_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     with ``top_k`` > 0 the top_k largest probs of each token (others 0, not renormalised); dispatch: one-hot of the
     chosen experts (of the argmax when dense), what the load-balancing loss counts."""
     # at least fp32 (a half-precision cast fused into the softmax)
-    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    probs = logits.softmax(-1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     num_experts = probs.shape[-1]
     chosen = probs.topk(top_k if 0 < top_k < num_experts else 1, dim=-1).indices
     dispatch = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
@@ -92,53 +92,55 @@ def routed_update(
     return update, probs, dispatch
 
 
-def load_balancing_loss(probs: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss E * sum_e f_e P_e over the tokens of one layer: f_e the fraction of the
-    dispatches that went to expert e, P_e its mean gate probability. 1 when the load is uniform, E when every token
-    goes to one expert; differentiable through P."""
+def load_balancing_loss(probs: torch.Tensor, dispatch: torch.Tensor, per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, load): Switch Transformer's auxiliary loss E * sum_e f_e P_e over the tokens (T, E) of one layer, with
+    f_e the fraction of the dispatches that went to expert e (``per_token`` dispatches per token; ``load`` is
+    per_token * f, detached) and P_e the mean gate probability of e. 1 when the load is uniform, E when every token goes to one expert;
+    differentiable through P."""
     num_experts = probs.shape[-1]
-    fraction = dispatch.mean(0) / dispatch.sum(-1).mean()  # (E,), sums to 1
-    return num_experts * (fraction * probs.mean(0)).sum()
+    load = dispatch.mean(0)  # (E,): sums to per_token
+    loss = (load * probs.mean(0)).sum() * (num_experts / per_token)
+    return loss, load.detach()
 
 
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the gate distribution's entropy (nats; log E when uniform, 0 when one-hot)."""
-    return -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+    """Mean over tokens (T, E) of the gate distribution's entropy (nats; log E when uniform, 0 when one-hot)."""
+    return torch.special.xlogy(probs, probs).sum() * (-1.0 / probs.shape[0])
 
 
 class RoutingLog:
     """What the routed layers of one model recorded: the auxiliary losses of the current training forward (with
-    their graph, for the training loss) and running sums of detached statistics since the last ``summary`` (kept on
-    the device: recording never waits for it)."""
+    their graph, for the training loss) and the detached statistics since the last ``summary`` (kept on the device:
+    recording launches no kernel of its own and never waits for it)."""
+
+    FOLD_AFTER = 1024  # records kept before they are summed into one (bounded memory when nobody reads them)
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
         # a trainable router ran without autograd (reentrant gradient checkpointing's first pass): its loss has no graph
         self.detached = False
-        self._sums: torch.Tensor | None = None  # (2 + E,): aux loss, entropy, load per expert
+        self._records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (loss, entropy, load (E,))
         self._count = 0
 
     def new_forward(self) -> None:
         self.losses, self.detached = [], False
 
-    def record(self, probs: torch.Tensor, dispatch: torch.Tensor, detached: bool = False) -> None:
-        loss = load_balancing_loss(probs, dispatch)
+    def record(self, probs: torch.Tensor, dispatch: torch.Tensor, per_token: int, detached: bool = False) -> None:
+        loss, load = load_balancing_loss(probs, dispatch, per_token)
         self.losses.append(loss)
         self.detached = self.detached or detached
-        with torch.no_grad():
-            load = dispatch.mean(0) / dispatch.sum(-1).mean()  # (E,)
-            row = torch.cat([loss.detach().view(1), routing_entropy(probs).view(1), load])
-            same = self._sums is not None and self._sums.shape == row.shape and self._sums.device == row.device
-            self._sums = self._sums + row if same else row
-            self._count = self._count + 1 if same else 1
+        self._records.append((loss.detach(), routing_entropy(probs.detach()), load))
+        self._count += 1
+        if len(self._records) >= self.FOLD_AFTER:
+            self._records = [tuple(torch.stack(column).sum(0) for column in zip(*self._records))]
 
     def summary(self) -> dict[str, float]:
         """Means since the last call (then reset): router_aux_loss, routing_entropy (nats), and the expert load as
         the smallest and largest fraction of dispatches times E (1 = balanced). Empty when nothing was recorded."""
         if not self._count:
             return {}
-        means = (self._sums / self._count).tolist()
-        load = [value * (len(means) - 2) for value in means[2:]]
-        self._sums, self._count = None, 0
-        return {"router_aux_loss": means[0], "routing_entropy": means[1], "expert_load_min": min(load),
-                "expert_load_max": max(load)}
+        loss, entropy, load = (torch.stack(column).sum(0) / self._count for column in zip(*self._records))
+        load = load * (load.numel() / load.sum())  # E * f_e
+        self._records, self._count = [], 0
+        return {"router_aux_loss": loss.item(), "routing_entropy": entropy.item(),
+                "expert_load_min": load.min().item(), "expert_load_max": load.max().item()}
