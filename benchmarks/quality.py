@@ -69,6 +69,8 @@ METHODS = {
     "aira_full": {**LAYER_WISE, **AWSVD, **WEIGHTING},
     "aira_full_literal": {**LAYER_WISE, **AWSVD, **WEIGHTING, **LITERAL},
     "aira_full_1x1": {**ONE_BY_ONE, **LAYER_WISE, "max_rank": 20, **AWSVD, **WEIGHTING},
+    # a per-token router over the 6 pairs (dense gates); its router adds 6 * in parameters a module
+    "cola_routed": {"cola_strategy": "routed"},
 }
 
 
@@ -137,7 +139,8 @@ def run_one(job: dict) -> dict:
     curve = []
     for ids in batches:
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        routing_loss = getattr(model.base_model, "routing_loss", lambda: None)()  # 'routed': its load-balancing loss
+        (loss if routing_loss is None else loss + routing_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

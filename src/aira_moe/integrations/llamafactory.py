@@ -407,15 +407,16 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     return model
 
 
-def _add_routing_loss_to_training_loss(model) -> None:
+def _add_routing_loss_to_training_loss(model):
     """'routed': add the routers' load-balancing loss (``AiraMoeModel.routing_loss``) to the loss in the model's output,
     the loss every Trainer backpropagates -- a forward hook, so no trainer class is touched. When the Trainer normalises
-    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share."""
+    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share.
+    Returns the hook's handle (None without a routed adapter)."""
     from ..tuner.collaboration import get_strategy
 
     tuner = model.base_model
     if not any(get_strategy(config.cola_strategy).token_dependent for config in model.peft_config.values()):
-        return
+        return None
 
     def add_routing_loss(module, args, kwargs, output):
         if not module.training or not isinstance(output, dict) or output.get("loss") is None:
@@ -429,7 +430,7 @@ def _add_routing_loss_to_training_loss(model) -> None:
         output["loss"] = output["loss"] + extra
         return output
 
-    model.register_forward_hook(add_routing_loss, with_kwargs=True)
+    return model.register_forward_hook(add_routing_loss, with_kwargs=True)
 
 
 def _routing_log_callback():
