@@ -2,7 +2,6 @@
 
 from collections import Counter
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from conftest import make_tiny_llama, random_batches
 from peft import PeftModel, get_peft_model
+from test_calibration import _free_port
 
 from aira_moe import AiraMoeConfig
 from aira_moe.tuner.collaboration import TokenDependentUpdate, heuristic_pairing
@@ -250,12 +250,6 @@ def test_techniques_compose_and_the_residual_init_keeps_the_output(input_ids):
 
 
 # ----------------------------------------------------------------------------- two ranks
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _routed_worker(rank, world, port, out_dir):

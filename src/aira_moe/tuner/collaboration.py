@@ -188,9 +188,15 @@ class CollaborationStrategy:
         return r
 
     def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
-        """(A_eff, B_eff) with dW = B_eff @ A_eff; ``pairing`` as the layer passes it (see the subclasses)."""
+        """(A_eff, B_eff) with dW = B_eff @ A_eff (see ``fold_experts``); ``pairing`` as the layer passes it: the
+        fixed M, the step's sampled M, or None (see ``resolve_pairing``)."""
+        pairing, scaling = self.resolve_pairing(pairing, scaling, experts_B.shape[0])
         return fold_experts(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
                             out_scale=out_scale, dtype=dtype)
+
+    def resolve_pairing(self, pairing, scaling: float, num_B: int):
+        """(M or None for all ones, scale) that ``fold_experts`` computes with."""
+        return pairing, scaling
 
     def fixed_update_refusal(self, what: str) -> TokenDependentUpdate | None:
         """The error (one line: why, and what to do instead) when ``what`` needs a fixed dW this strategy lacks."""
@@ -211,9 +217,8 @@ class FullStrategy(CollaborationStrategy):
     def pairing_total(self, num_A, num_B):
         return float(num_A * num_B)
 
-    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
-        return super().fold(experts_A, experts_B, scaling=scaling, pairing=None, in_scale=in_scale,
-                            out_scale=out_scale, dtype=dtype)
+    def resolve_pairing(self, pairing, scaling, num_B):
+        return None, scaling
 
 
 class HeuristicStrategy(CollaborationStrategy):
@@ -231,11 +236,10 @@ class HeuristicStrategy(CollaborationStrategy):
     def initial_width(self, r, num_A):
         return num_A * r
 
-    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
+    def resolve_pairing(self, pairing, scaling, num_B):
         if pairing is None:
             raise ValueError("the 'heuristic' strategy needs its pairing matrix.")
-        return super().fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
-                            out_scale=out_scale, dtype=dtype)
+        return pairing, scaling
 
 
 class RandomStrategy(CollaborationStrategy):
@@ -247,11 +251,9 @@ class RandomStrategy(CollaborationStrategy):
     def pairing_total(self, num_A, num_B):
         return float(num_A)  # each A is paired with exactly one B
 
-    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
-        if pairing is None:
-            scaling = scaling / experts_B.shape[0]  # E[M] = 1/num_B everywhere: the sum form
-        return super().fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
-                            out_scale=out_scale, dtype=dtype)
+    def resolve_pairing(self, pairing, scaling, num_B):
+        # no sampled M (eval, merge, export): E[M] = 1/num_B everywhere, the sum form
+        return (None, scaling / num_B) if pairing is None else (pairing, scaling)
 
 
 class RoutedStrategy(CollaborationStrategy):
@@ -264,7 +266,7 @@ class RoutedStrategy(CollaborationStrategy):
     def pairing_total(self, num_A, num_B):
         return 1.0  # dense softmax gates sum to one
 
-    def fold(self, experts_A, experts_B, **kwargs):
+    def resolve_pairing(self, pairing, scaling, num_B):
         raise self.fixed_update_refusal("folded into one weight update")
 
     def fixed_update_refusal(self, what: str) -> TokenDependentUpdate:
