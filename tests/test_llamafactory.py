@@ -381,3 +381,16 @@ def test_routed_trains_logs_routing_resumes_exactly_chats_and_refuses_export(ass
     refusals = [line for line in log.splitlines() if "depends on the token" in line]
     assert code == 2 and len(refusals) == 1 and "llamafactory-cli chat / api" in refusals[0]
     assert "all params" not in log and not (tmp_path / "merged").exists()
+
+
+def test_routed_under_deepspeed_zero3(assets, tmp_path):
+    """The router is partitioned like the experts: a routed adapter trains under ZeRO-3 (its load-balancing loss
+    included, statistics logged)."""
+    out = tmp_path / "z3_routed"
+    args = train_args(assets, out, deepspeed=os.path.join(DEEPSPEED_DIR, "ds_z3_config.json"), max_steps=2,
+                      cola_strategy="routed", router_top_k=1)
+    _, log = run_cli("train", args, tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    assert "Detected DeepSpeed ZeRO-3" in log
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["router_aux_loss"] >= 1.0 for entry in history if "loss" in entry] == [True, True]
+    assert all(math.isfinite(loss) for loss in logged_losses(out))
