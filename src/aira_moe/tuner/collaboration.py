@@ -105,21 +105,11 @@ def fold_experts(
     return factor_A, factor_B
 
 
-def effective_factors(
-    experts_A: torch.Tensor,
-    experts_B: torch.Tensor,
-    *,
-    strategy: str,
-    scaling: float,
-    pairing: torch.Tensor | None = None,
-    in_scale: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_eff, B_eff) of the named strategy; ``pairing``: the fixed M of 'heuristic', or the step's sampled M of
-    'random' in training (None: its eval expectation E[M] = 1/num_B). See ``CollaborationStrategy.fold``."""
-    return get_strategy(strategy).fold(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
-                                       out_scale=out_scale, dtype=dtype)
+def effective_factors(experts_A: torch.Tensor, experts_B: torch.Tensor, *, strategy: str, **fold_args):
+    """(A_eff, B_eff) of the named strategy: ``CollaborationStrategy.fold`` with ``fold_experts``' keyword arguments;
+    ``pairing`` is the fixed M of 'heuristic', or the step's sampled M of 'random' in training (None: its eval
+    expectation E[M] = 1/num_B)."""
+    return get_strategy(strategy).fold(experts_A, experts_B, **fold_args)
 
 
 def concat_padded(
