@@ -4,7 +4,7 @@ a hub-id validation error."""
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Union
 
 
 def _looks_local(path: str) -> bool:
@@ -14,12 +14,13 @@ def _looks_local(path: str) -> bool:
     return os.path.isdir(path.split("/", 1)[0])
 
 
-def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name_or_path") -> None:
+def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name_or_path",
+                         subfolder: Optional[str] = None) -> None:
     """Every local path of ``paths`` (comma-separated, or the list LLaMA-Factory makes of it) must be a directory with
-    an adapter_config.json."""
+    an adapter_config.json (in ``subfolder`` of it when given: LLaMA-Factory's `adapter_folder`)."""
     items = paths.split(",") if isinstance(paths, str) else (paths or [])
     for path in [p.strip() for p in items if p.strip()]:
-        expanded = os.path.expanduser(path)
+        expanded = os.path.join(os.path.expanduser(path), subfolder or "")
         if _looks_local(path) and not os.path.isfile(os.path.join(expanded, "adapter_config.json")):
             what = "no adapter_config.json in" if os.path.isdir(expanded) else "no such directory:"
             raise FileNotFoundError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")

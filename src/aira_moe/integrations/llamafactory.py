@@ -185,7 +185,10 @@ def _patched_verify_model_args(original):
     def verify(model_args, data_args, finetuning_args):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
-        require_adapter_dirs(model_args.adapter_name_or_path)
+        require_adapter_dirs(model_args.adapter_name_or_path, subfolder=model_args.adapter_folder)
+        for key in ("use_unsloth", "use_kt"):  # their LoRA loaders build peft LoRA layers only
+            if getattr(model_args, key, False):
+                raise ValueError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
         if model_args.quantization_bit is not None:
             method = getattr(model_args.quantization_method, "value", model_args.quantization_method)
             if method != "bnb" or model_args.quantization_bit not in (4, 8):
@@ -303,14 +306,73 @@ def _find_resume_checkpoint() -> Optional[str]:
     return None
 
 
-def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: bool):
-    """What ``init_adapter`` does for aira_moe: load adapters (export/chat/continued training), or create a new one,
-    calibrated on the train split -- or, on resume, rebuilt from the checkpoint's saved ranks without calibration."""
-    import torch
-    from peft import PeftModel, get_peft_model
+def _adapter_load_kwargs(model_args) -> dict:
+    """The options LLaMA-Factory gives ``PeftModel.from_pretrained`` for a LoRA adapter (a hub adapter's subfolder,
+    revision, token and cache; the offload folder of a big model)."""
+    return {
+        "subfolder": model_args.adapter_folder,
+        "offload_folder": model_args.offload_folder,
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.hf_hub_token,
+    }
+
+
+def _is_mergeable(model, adapters: list) -> bool:
+    """As for LoRA: adapters are merged into the base unless it is quantised (merging into a quantised weight is
+    refused by the layer) or partitioned by ZeRO-3; then exactly one adapter is loaded and kept unmerged."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    reason = ("the base model is quantised" if getattr(model, "quantization_method", None) else
+              "DeepSpeed ZeRO-3 partitions the base model" if is_deepspeed_zero3_enabled() else None)
+    if reason is None:
+        return True
+    if len(adapters) > 1:
+        raise ValueError(f"`adapter_name_or_path` lists {len(adapters)} adapters, but {reason}: only one adapter can "
+                         "be loaded (unmerged); merge the others into the base first (llamafactory-cli export).")
+    return False
+
+
+def casts_trainable_params_to_fp32(model_args, finetuning_args, is_trainable: bool) -> bool:
+    """LLaMA-Factory's rule for trainable parameters: fp32 unless pure bf16 / BAdam keeps them in half precision, or
+    ZeRO-3 on an unquantised base (its optimizer keeps fp32 master weights); QLoRA under ZeRO-3 is cast."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_trainable or finetuning_args.pure_bf16 or finetuning_args.use_badam:
+        return False
+    return not (model_args.quantization_bit is None and is_deepspeed_zero3_enabled())
+
+
+def _new_adapter(model, finetuning_args):
+    """A new trainable adapter: calibrated on the train split, or, on resume, rebuilt from the checkpoint's saved ranks
+    (its rank_pattern) without calibration -- the Trainer then loads the checkpoint's weights into it."""
+    from peft import get_peft_model
+
     from ..tuner.config import AiraMoeConfig
+
+    resume = _find_resume_checkpoint()
+    if resume is not None:
+        peft_config = AiraMoeConfig.from_pretrained(resume)
+        peft_config.inference_mode = False
+        model = get_peft_model(model, peft_config)
+        logger.info("aira_moe: rebuilt adapter from %s for resume (ranks reused, calibration skipped)", resume)
+        return model
+    peft_config = peft_config_from_args(finetuning_args)
+    model = get_peft_model(model, peft_config)
+    if peft_config.needs_calibration:
+        args = _state.training_args
+        batch_size = args.per_device_train_batch_size if args is not None else 1
+        loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
+        model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
+    return model
+
+
+def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: bool):
+    """What ``init_adapter`` does for aira_moe: load adapters (merged into a float base, kept unmerged on a quantised or
+    ZeRO-3 base, as LoRA), continue training the last one, or create a new one, calibrated on the train split -- or, on
+    resume, rebuilt from the checkpoint's saved ranks without calibration."""
+    import torch
+    from peft import PeftModel
 
     quantization = getattr(model, "quantization_method", None)
     quantization = getattr(quantization, "value", quantization)  # transformers' QuantizationMethod is a str enum
@@ -320,35 +382,24 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
             "(`model_name_or_path` holds a quantised checkpoint): only bitsandbytes 4-/8-bit bases are supported."
         )
     adapters = list(model_args.adapter_name_or_path or [])
-    to_merge = adapters if (not is_trainable or finetuning_args.create_new_adapter) else adapters[:-1]
+    load_kwargs = _adapter_load_kwargs(model_args)
+    keep_last = adapters and ((is_trainable and not finetuning_args.create_new_adapter)
+                              or not _is_mergeable(model, adapters))
+    to_merge = adapters[:-1] if keep_last else adapters
     for path in to_merge:
-        model = PeftModel.from_pretrained(model, path, offload_folder=model_args.offload_folder).merge_and_unload()
+        model = PeftModel.from_pretrained(model, path, **load_kwargs).merge_and_unload()
     if to_merge:
         logger.info("aira_moe: merged %d adapter(s): %s", len(to_merge), ", ".join(to_merge))
+    if keep_last:
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable, **load_kwargs)
+        logger.info("aira_moe: %s adapter %s (unmerged)", "continuing training of" if is_trainable else "loaded",
+                    adapters[-1])
     if not is_trainable:
         return model
 
-    resume = _find_resume_checkpoint()
-    if adapters and not finetuning_args.create_new_adapter:
-        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
-        logger.info("aira_moe: continuing training of adapter %s", adapters[-1])
-    elif resume is not None:
-        # same shapes as the checkpoint (its rank_pattern), no re-calibration; the Trainer then loads its weights
-        peft_config = AiraMoeConfig.from_pretrained(resume)
-        peft_config.inference_mode = False
-        model = get_peft_model(model, peft_config)
-        logger.info("aira_moe: rebuilt adapter from %s for resume (ranks reused, calibration skipped)", resume)
-    else:
-        peft_config = peft_config_from_args(finetuning_args)
-        model = get_peft_model(model, peft_config)
-        if peft_config.needs_calibration:
-            args = _state.training_args
-            batch_size = args.per_device_train_batch_size if args is not None else 1
-            loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
-            model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
-
-    pure_half = finetuning_args.pure_bf16 or finetuning_args.use_badam
-    if not pure_half and not is_deepspeed_zero3_enabled():
+    if not keep_last:
+        model = _new_adapter(model, finetuning_args)
+    if casts_trainable_params_to_fp32(model_args, finetuning_args, is_trainable):
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
