@@ -16,11 +16,14 @@ Anything missing raises with the expected LLaMA-Factory version; there is no fal
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import functools
 import json
 import os
+import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -28,7 +31,7 @@ from typing import Literal, Optional
 from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
-from ..adapter_paths import require_adapter_dirs
+from ..adapter_paths import AdapterFileError, check_adapter_files, read_json_file, require_adapter_dirs
 from .arguments import AiraMoeArguments, peft_config_from_args
 
 logger = get_logger()
@@ -44,6 +47,7 @@ class _State:
     training_args = None
     train_dataset = None
     tokenizer = None
+    checking = False  # `aira-moe check`: parse and validate only; take no lock, touch no file
 
 
 _state = _State()
@@ -175,7 +179,11 @@ def check_train_config(args: dict) -> str:
         raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
     # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
-    _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    _state.checking = True
+    try:
+        _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    finally:
+        _state.checking = False
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
 
@@ -215,6 +223,9 @@ def _patched_check_extra_dependencies(original):
         from transformers.training_args import ParallelMode
 
         _stop_if_run_is_complete(training_args)
+        if training_args.do_train:
+            _lock_output_dir(training_args)
+            _choose_complete_checkpoint(training_args)
         _state.training_args = training_args
         # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
         # DDP + reentrant checkpointing dies with find_unused_parameters=True
@@ -236,8 +247,10 @@ def _completed_run(training_args) -> Optional[dict]:
     needed = ("trainer_state.json", "all_results.json", "adapter_config.json")
     if not all(os.path.isfile(os.path.join(directory, name)) for name in needed):
         return None
-    with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as handle:
-        state = json.load(handle)
+    try:
+        state = read_json_file(os.path.join(directory, "trainer_state.json"))
+    except AdapterFileError:  # killed while writing it: the run did not finish
+        return None
     done, planned = state.get("global_step", 0), state.get("max_steps", 0)
     if planned <= 0 or done < planned:
         return None
@@ -256,6 +269,118 @@ def _stop_if_run_is_complete(training_args) -> None:
         training_args.output_dir, state["global_step"], state["max_steps"],
     )
     raise SystemExit(0)
+
+
+class OutputDirInUseError(ValueError):
+    """Another live run holds ``output_dir``'s lock file."""
+
+
+LOCK_FILE = "aira_moe.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _lock_holder(path: str) -> Optional[str]:
+    """Who holds the lock file at ``path`` ("PID n on host"), or None when it is absent or stale (its process, on this
+    host, is gone -- e.g. killed with SIGKILL, which runs no clean-up)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            host, _, pid = handle.read().strip().partition(" ")
+    except FileNotFoundError:
+        return None
+    if not pid.isdigit():
+        return None  # written by a process killed before it finished the line
+    if host == socket.gethostname() and not _pid_alive(int(pid)):
+        return None
+    return f"PID {pid} on {host}"
+
+
+def _lock_output_dir(training_args) -> None:
+    """One training run per output_dir: take ``output_dir/aira_moe.lock`` (host and PID) for this process, released at
+    exit; a second run into the same directory is refused while the first one lives. Only the main process locks."""
+    if training_args.process_index != 0:
+        return
+    directory = training_args.output_dir
+    path = os.path.join(directory, LOCK_FILE)
+    holder = _lock_holder(path)
+    if holder is not None:
+        raise OutputDirInUseError(
+            f"`output_dir` {os.path.abspath(directory)} is being written by another run ({holder}, lock file {path}); "
+            "wait for it or choose another `output_dir` (delete the lock file only if no such run exists)."
+        )
+    if _state.checking:
+        return
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(path):
+        logger.warning("aira_moe: removing the stale lock %s (its process is gone)", path)
+        os.remove(path)
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another run took it between the check and here
+        raise OutputDirInUseError(f"`output_dir` {os.path.abspath(directory)} was just locked by another run "
+                                  f"({path}); choose another `output_dir`.") from None
+    mine = f"{socket.gethostname()} {os.getpid()}"
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(mine + "\n")
+
+    def release():
+        try:
+            with open(path, encoding="utf-8") as handle:
+                if handle.read().strip() == mine:
+                    os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    atexit.register(release)
+
+
+def _checkpoint_complete(path: str) -> bool:
+    """The Trainer writes trainer_state.json last into a checkpoint: without a readable one the save was cut short."""
+    try:
+        read_json_file(os.path.join(path, "trainer_state.json"))
+    except (FileNotFoundError, AdapterFileError):
+        return False
+    return True
+
+
+def _choose_complete_checkpoint(training_args) -> None:
+    """Resume only from a complete checkpoint. LLaMA-Factory resumes from the highest-numbered ``checkpoint-N`` in
+    output_dir, even one whose save was killed half-way; here the last complete one is chosen instead (or a clean
+    start when there is none), and a named ``resume_from_checkpoint`` with a corrupt file is refused, naming it."""
+    named = training_args.resume_from_checkpoint
+    if isinstance(named, str):
+        if not _checkpoint_complete(named):
+            raise AdapterFileError(f"`resume_from_checkpoint` {os.path.abspath(named)} is incomplete (no readable "
+                                   "trainer_state.json: its save was interrupted); choose an earlier checkpoint")
+        check_adapter_files(named)
+        return
+    directory = training_args.output_dir
+    if named is not None or getattr(training_args, "overwrite_output_dir", False) or not os.path.isdir(directory):
+        return
+    steps = sorted((int(match.group(1)), name) for name in os.listdir(directory)
+                   if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(directory, name)))
+    incomplete = [name for _, name in steps if not _checkpoint_complete(os.path.join(directory, name))]
+    if not incomplete:
+        return  # LLaMA-Factory's own choice (the last one) is complete
+    complete = [name for _, name in steps if name not in incomplete]
+    logger.warning("aira_moe: ignoring incomplete checkpoint(s) in %s (their save was interrupted): %s",
+                   directory, ", ".join(incomplete))
+    if complete:
+        last = os.path.join(directory, complete[-1])
+        check_adapter_files(last)
+        training_args.resume_from_checkpoint = last
+        logger.warning("aira_moe: resuming from the last complete checkpoint %s", last)
+    else:
+        training_args.resume_from_checkpoint = False  # a clean start; None would let LLaMA-Factory pick the broken one
+        logger.warning("aira_moe: no complete checkpoint; training starts from the beginning")
 
 
 def _patched_get_dataset(original):
@@ -428,6 +553,18 @@ def _patched_init_adapter(original):
     return init_adapter
 
 
+def _patched_cli_main(original):
+    @functools.wraps(original)
+    def main():
+        try:
+            return original()
+        except (AdapterFileError, OutputDirInUseError) as error:  # a user's file or directory: one line, exit 2
+            print(f"[aira_moe] {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+
+    return main
+
+
 def _replace(module, name: str, make_wrapper) -> None:
     original = getattr(module, name, None)
     if original is None:
@@ -446,6 +583,7 @@ def install() -> None:
     problem = unsupported("llamafactory", llamafactory.__version__)
     if problem is not None:
         raise RuntimeError(f"{problem}.")
+    import llamafactory.cli as lf_cli
     import llamafactory.data as lf_data
     import llamafactory.data.loader as lf_data_loader
     import llamafactory.hparams as lf_hparams
@@ -473,6 +611,7 @@ def install() -> None:
     _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
     lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data
     _replace(lf_trainer_utils, "create_ref_model", _patched_create_ref_model)
+    _replace(lf_cli, "main", _patched_cli_main)  # the llamafactory-cli script imports main after this runs
     for workflow in ("dpo", "kto", "ppo"):  # they import the name; those imported before this point get it here
         module = sys.modules.get(f"llamafactory.train.{workflow}.workflow")
         if module is not None:
