@@ -3,6 +3,7 @@ ChatModel (what ``llamafactory-cli chat`` / ``api`` / ``webchat`` load through) 
 on CPU with real bitsandbytes. ``export`` still merges, and refuses a quantised target (tests/test_qlora.py)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,3 +166,49 @@ def test_eval_quantization_errors_name_the_key(adapters, tmp_path, overrides, me
         overrides["adapter_name_or_path"] = f"{adapters['aira_moe']},{adapters['lora']}"
     with pytest.raises(ValueError, match=message):
         eval_args(adapters, tmp_path, **overrides).validate()
+
+
+DO_EVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from llamafactory.train.tuner import run_exp
+    base, cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    for kind, adapter, bits, out in cases:
+        args = dict(base, finetuning_type=kind, adapter_name_or_path=adapter, output_dir=out)
+        if bits:
+            args["quantization_bit"] = bits
+        run_exp(args)
+    """
+)
+
+
+@pytest.mark.slow
+def test_llamafactory_do_eval_loads_lora_and_aira_moe_on_float_and_4bit_bases(adapters):
+    """LLaMA-Factory's evaluation path (`do_eval` without `do_train`: the model is loaded for inference) for each
+    method x base, in one process. (`predict_with_generate` needs jieba / nltk / rouge-chinese, not installed here.)"""
+    assets, root = adapters["assets"], adapters["root"]
+    base = {"model_name_or_path": assets["model"], "stage": "sft", "do_eval": True, "eval_dataset": assets["dataset"],
+            "dataset_dir": assets["dataset_dir"], "max_samples": 8, "template": "default", "cutoff_len": 64,
+            "per_device_eval_batch_size": 4, "report_to": "none", "use_cpu": True}
+    cases = [(kind, adapters[kind], bits, str(root / f"do_eval_{kind}_{bits}")) for kind in ("aira_moe", "lora")
+             for bits in (4, None)]
+    result = subprocess.run([sys.executable, "-c", DO_EVAL_SCRIPT, json.dumps(base), json.dumps(cases)],
+                            capture_output=True, text=True, env=ENV, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = {}
+    for kind, _, bits, out in cases:
+        with open(os.path.join(out, "eval_results.json"), encoding="utf-8") as handle:
+            losses[(kind, bits)] = json.load(handle)["eval_loss"]
+    assert all(map(math.isfinite, losses.values())), losses
+    for kind in ("aira_moe", "lora"):  # 4-bit and float bases differ by the base's quantisation error only
+        assert abs(losses[(kind, 4)] - losses[(kind, None)]) < 0.05 * losses[(kind, None)], losses
+
+
+@pytest.mark.parametrize("bits", [4])
+def test_eval_loader_keeps_a_lora_adapter_unmerged_on_a_4bit_base_too(adapters, tmp_path, bits):
+    from aira_moe.evaluation.runner import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(eval_args(adapters, tmp_path, quantization_bit=bits, finetuning_type="lora",
+                                                     adapter_name_or_path=adapters["lora"]))
+    assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type == "LORA"
+    assert {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
