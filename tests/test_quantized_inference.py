@@ -178,13 +178,22 @@ DO_EVAL_SCRIPT = textwrap.dedent(
         if bits:
             args["quantization_bit"] = bits
         run_exp(args)
+    from llamafactory.train.tuner import export_model
+    for kind, adapter, bits, out in cases:
+        if bits:  # export merges, so a quantised base is refused (LLaMA-Factory's own check, for both methods)
+            try:
+                export_model(dict(model_name_or_path=base["model_name_or_path"], adapter_name_or_path=adapter,
+                                  finetuning_type=kind, template="default", quantization_bit=bits,
+                                  export_dir=out + "_export"))
+            except ValueError as error:
+                print("EXPORT", kind, error, flush=True)
     """
 )
 
 
 @pytest.mark.slow
-def test_llamafactory_do_eval_loads_lora_and_aira_moe_on_float_and_4bit_bases(adapters):
-    """LLaMA-Factory's evaluation path (`do_eval` without `do_train`: the model is loaded for inference) for each
+def test_llamafactory_do_eval_and_export_for_lora_and_aira_moe_on_float_and_4bit_bases(adapters):
+    """LLaMA-Factory's export refuses a 4-bit base for both methods (it would merge); its evaluation path (`do_eval` without `do_train`: the model is loaded for inference) for each
     method x base, in one process. (`predict_with_generate` needs jieba / nltk / rouge-chinese, not installed here.)"""
     assets, root = adapters["assets"], adapters["root"]
     base = {"model_name_or_path": assets["model"], "stage": "sft", "do_eval": True, "eval_dataset": assets["dataset"],
@@ -202,6 +211,8 @@ def test_llamafactory_do_eval_loads_lora_and_aira_moe_on_float_and_4bit_bases(ad
     assert all(map(math.isfinite, losses.values())), losses
     for kind in ("aira_moe", "lora"):  # 4-bit and float bases differ by the base's quantisation error only
         assert abs(losses[(kind, 4)] - losses[(kind, None)]) < 0.05 * losses[(kind, None)], losses
+        assert f"EXPORT {kind} Cannot merge adapters to a quantized model." in result.stdout, result.stdout[-2000:]
+        assert not os.path.exists(str(root / f"do_eval_{kind}_4_export"))
 
 
 @pytest.mark.parametrize("bits", [4])
@@ -212,3 +223,40 @@ def test_eval_loader_keeps_a_lora_adapter_unmerged_on_a_4bit_base_too(adapters, 
                                                      adapter_name_or_path=adapters["lora"]))
     assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type == "LORA"
     assert {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")} == {"Linear4bit"}
+
+
+@pytest.mark.slow
+def test_llamafactory_api_serves_aira_moe_on_a_4bit_base(adapters, tmp_path):
+    """`llamafactory-cli api` (the OpenAI-style server; webchat loads through the same ChatModel) answers a chat
+    request with the adapter kept unmerged on a 4-bit base."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "api.yaml"
+    config.write_text(json.dumps({"model_name_or_path": adapters["assets"]["model"], "adapter_name_or_path":
+                                  adapters["aira_moe"], "finetuning_type": "aira_moe", "template": "default",
+                                  "infer_backend": "huggingface", "quantization_bit": 4, "max_new_tokens": 3}))
+    server = subprocess.Popen(["llamafactory-cli", "api", str(config)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**ENV, "API_PORT": str(port)})
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                             "max_tokens": 3}).encode())
+        deadline, reply = time.time() + 600, None
+        while reply is None and server.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    reply = json.load(response)
+            except OSError:
+                time.sleep(1)
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=60)[0]
+    assert reply is not None, log[-3000:]
+    assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1, reply
+    assert "aira_moe: loaded adapter" in log and "(unmerged)" in log, log[-3000:]
