@@ -1,7 +1,6 @@
 """aira_moe follows LLaMA-Factory's LoRA rules for loading and casting adapters (``_setup_lora_tuning`` /
 ``init_adapter`` in llamafactory/model/adapter.py), checked against LLaMA-Factory's own LoRA path in the same process."""
 
-import os
 
 import pytest
 import torch

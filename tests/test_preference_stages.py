@@ -4,7 +4,6 @@ KTO's first one is its value at policy == reference), and the adapter is saved."
 
 import json
 import math
-import os
 
 import pytest
 import torch
