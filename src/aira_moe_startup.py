@@ -102,8 +102,11 @@ def _guard_llamafactory(problem: str) -> None:
 
 
 class _Watcher(importlib.abc.MetaPathFinder):
+    def __init__(self, names=tuple(_ON_IMPORT)):
+        self.names = names
+
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _ON_IMPORT:
+        if fullname not in self.names:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -112,12 +115,18 @@ class _Watcher(importlib.abc.MetaPathFinder):
         return spec
 
 
+def watch(*names: str) -> None:
+    """Arm the watcher for ``names`` (all of ``_ON_IMPORT`` by default) unless a watcher already covers them."""
+    names = names or tuple(_ON_IMPORT)
+    if any(isinstance(finder, _Watcher) and set(names) <= set(finder.names) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Watcher(names))
+
+
 def arm() -> None:
     if os.environ.get("AIRA_MOE_DISABLE_STARTUP") == "1":
         return
-    if any(isinstance(finder, _Watcher) for finder in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _Watcher())
+    watch()
 
 
 arm()

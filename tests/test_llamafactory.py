@@ -373,7 +373,7 @@ def test_routed_trains_logs_routing_resumes_exactly_chats_and_refuses_export(ass
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REPLY" in result.stdout and "serving the routed adapter" in result.stderr
+    assert "REPLY" in result.stdout and f"loaded adapter {straight} (unmerged)" in result.stderr
 
     code, log = run_cli("export", {"model_name_or_path": assets["model"], "adapter_name_or_path": str(straight),
                                    "finetuning_type": "aira_moe", "template": "default",

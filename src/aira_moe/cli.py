@@ -163,8 +163,10 @@ def run_export_lora(argv: list[str]) -> dict:
         parser.error(f"--max_rank must be >= 1, got {args.max_rank}")
     if args.truncate and args.max_rank is None:
         parser.error("--truncate needs --max_rank")
+    from .adapter_paths import require_adapter_dirs
     from .export import export_lora
 
+    require_adapter_dirs(args.adapter, key="--adapter")  # missing or corrupt files: named before any tensor is read
     report = export_lora(args.adapter, args.out, max_rank=args.max_rank, truncate=args.truncate, dtype=args.dtype,
                          overwrite=args.overwrite)
     print(f"[aira-moe export-lora] wrote a LoRA adapter with r={report['r']} ({report['modules']} modules, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 OBJECTIVES = {
     "log": math.log,
@@ -42,6 +41,8 @@ def allocate_ranks(theta: list[float], budget: int, min_rank: int, max_rank: int
     Solved as a multiple-choice knapsack with binaries x_{l,k} ("layer l gets rank k"), one choice per layer, by
     HiGHS (scipy.optimize.milp). Exact for any f, including the convex exp2/cubic where continuous solvers fail.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # here, not at import: every peft user loads this module
+
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective_function` must be one of {list(OBJECTIVES)}, got {objective!r}.")
     num_units = len(theta)

@@ -45,6 +45,11 @@ class EvalArguments:
     overwrite_save_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
+    quantization_bit: Optional[int] = field(
+        default=None,
+        metadata={"help": "Load the base in 4 or 8 bits with bitsandbytes (nf4 + double quantisation, as "
+                          "LLaMA-Factory); the adapter is then kept unmerged, so only one adapter is accepted."},
+    )
 
     def validate(self) -> None:
         if not task_exists(self.task, self.task_dir):
@@ -63,6 +68,11 @@ class EvalArguments:
             raise ValueError(f"`lang` must be 'en' or 'zh', got {self.lang!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"`quantization_bit` must be 4 or 8, got {self.quantization_bit}")
+        if self.quantization_bit and len(_adapter_paths(self.adapter_name_or_path)) > 1:
+            raise ValueError(f"`adapter_name_or_path` lists {len(_adapter_paths(self.adapter_name_or_path))} adapters, "
+                             f"but a {self.quantization_bit}-bit base keeps its adapter unmerged: pass one")
         if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
             raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
                              "another --save_dir")
@@ -71,13 +81,27 @@ class EvalArguments:
 MAX_DEFAULT_SHOTS = 5
 
 
+def _adapter_paths(paths: Optional[str]) -> list[str]:
+    return [p.strip() for p in (paths or "").split(",") if p.strip()]
+
+
+def _quantization_config(bits: int, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def default_n_shot(subjects) -> int:
     """The most k-shot examples every subject's dev split holds, capped at ``MAX_DEFAULT_SHOTS``."""
     return min(MAX_DEFAULT_SHOTS, min(len(subject.dev) for subject in subjects))
 
 
 def load_model_and_tokenizer(args: EvalArguments):
-    """Base model (+ adapters merged in order, as LLaMA-Factory does for inference) and a left-padding tokenizer."""
+    """Base model + adapters as LLaMA-Factory loads them for inference (merged in order into a float base; one adapter
+    kept unmerged on a quantised base), and a left-padding tokenizer."""
     import aira_moe  # noqa: F401  (registers the aira_moe peft type)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,8 +111,15 @@ def load_model_and_tokenizer(args: EvalArguments):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     tokenizer.padding_side = "left"
+    if args.quantization_bit:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, dtype=dtype, device_map={"": device},
+            quantization_config=_quantization_config(args.quantization_bit, dtype))
+        for path in _adapter_paths(args.adapter_name_or_path):  # validate() allows one
+            model = PeftModel.from_pretrained(model, path)
+        return model.eval(), tokenizer, device
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-    for path in [p.strip() for p in (args.adapter_name_or_path or "").split(",") if p.strip()]:
+    for path in _adapter_paths(args.adapter_name_or_path):
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.to(device).eval(), tokenizer, device
 

@@ -12,7 +12,8 @@ workers get it too). It patches, in place and by name:
 * ``train.trainer_utils.create_ref_model``: DPO / KTO / PPO get no second model copy (the adapter is disabled for
   the reference pass, as for lora);
 * ``train.tuner._training_function``: adds a callback that writes the 'routed' strategy's routing statistics into
-  the training log (inert for every other run).
+  the training log (inert for every other run);
+* ``cli.main``: a damaged adapter file or a locked output_dir (see output_dir.py) ends in one line, exit 2.
 Anything missing raises with the expected LLaMA-Factory version; there is no fallback.
 """
 
@@ -30,8 +31,9 @@ from typing import Literal, Optional
 from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
-from ..adapter_paths import require_adapter_dirs
+from ..adapter_paths import AdapterFileError, read_json_file, require_adapter_dirs
 from .arguments import AiraMoeArguments, peft_config_from_args
+from .output_dir import OutputDirInUseError, choose_complete_checkpoint, lock_output_dir
 
 logger = get_logger()
 
@@ -46,6 +48,7 @@ class _State:
     training_args = None
     train_dataset = None
     tokenizer = None
+    checking = False  # `aira-moe check`: parse and validate only; take no lock, touch no file
 
 
 _state = _State()
@@ -177,7 +180,11 @@ def check_train_config(args: dict) -> str:
         raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
     # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
-    _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    _state.checking = True
+    try:
+        _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    finally:
+        _state.checking = False
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
 
@@ -215,8 +222,11 @@ def _patched_verify_model_args(original):
     def verify(model_args, data_args, finetuning_args):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
-        require_adapter_dirs(model_args.adapter_name_or_path)
+        require_adapter_dirs(model_args.adapter_name_or_path, subfolder=model_args.adapter_folder)
         _refuse_merging_routed_export(model_args)
+        for key in ("use_unsloth", "use_kt"):  # their LoRA loaders build peft LoRA layers only
+            if getattr(model_args, key, False):
+                raise ValueError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
         if model_args.quantization_bit is not None:
             method = getattr(model_args.quantization_method, "value", model_args.quantization_method)
             if method != "bnb" or model_args.quantization_bit not in (4, 8):
@@ -243,6 +253,10 @@ def _patched_check_extra_dependencies(original):
         from transformers.training_args import ParallelMode
 
         _stop_if_run_is_complete(training_args)
+        if training_args.do_train:
+            if training_args.process_index == 0:  # the main process holds the lock; every rank chooses the same
+                lock_output_dir(training_args.output_dir, take=not _state.checking)
+            choose_complete_checkpoint(training_args)
         _state.training_args = training_args
         _use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args)
         # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
@@ -276,8 +290,10 @@ def _completed_run(training_args) -> Optional[dict]:
     needed = ("trainer_state.json", "all_results.json", "adapter_config.json")
     if not all(os.path.isfile(os.path.join(directory, name)) for name in needed):
         return None
-    with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as handle:
-        state = json.load(handle)
+    try:
+        state = read_json_file(os.path.join(directory, "trainer_state.json"))
+    except AdapterFileError:  # killed while writing it: the run did not finish
+        return None
     done, planned = state.get("global_step", 0), state.get("max_steps", 0)
     if planned <= 0 or done < planned:
         return None
@@ -346,14 +362,76 @@ def _find_resume_checkpoint() -> Optional[str]:
     return None
 
 
-def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: bool):
-    """What ``init_adapter`` does for aira_moe: load adapters (export/chat/continued training), or create a new one,
-    calibrated on the train split -- or, on resume, rebuilt from the checkpoint's saved ranks without calibration."""
-    import torch
-    from peft import PeftModel, get_peft_model
+def _adapter_load_kwargs(model_args) -> dict:
+    """The options LLaMA-Factory gives ``PeftModel.from_pretrained`` for a LoRA adapter (a hub adapter's subfolder,
+    revision, token and cache; the offload folder of a big model)."""
+    return {
+        "subfolder": model_args.adapter_folder,
+        "offload_folder": model_args.offload_folder,
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.hf_hub_token,
+    }
+
+
+def _is_mergeable(model, adapters: list) -> bool:
+    """As for LoRA: adapters are merged into the base unless it is quantised (merging into a quantised weight is
+    refused by the layer) or partitioned by ZeRO-3, or an adapter is 'routed' (no fixed update to merge); then exactly
+    one adapter is loaded and kept unmerged."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    routed = _token_dependent_adapters(adapters)
+    reason = ("the base model is quantised" if getattr(model, "quantization_method", None) else
+              "DeepSpeed ZeRO-3 partitions the base model" if is_deepspeed_zero3_enabled() else
+              f"{routed[0]} is a routed adapter, whose update depends on the token" if routed else None)
+    if reason is None:
+        return True
+    if len(adapters) > 1:
+        raise ValueError(f"`adapter_name_or_path` lists {len(adapters)} adapters, but {reason}: only one adapter can "
+                         "be loaded (unmerged); merge the others into the base first (llamafactory-cli export).")
+    return False
+
+
+def casts_trainable_params_to_fp32(model_args, finetuning_args, is_trainable: bool) -> bool:
+    """LLaMA-Factory's rule for trainable parameters: fp32 unless pure bf16 / BAdam keeps them in half precision, or
+    ZeRO-3 on an unquantised base (its optimizer keeps fp32 master weights); QLoRA under ZeRO-3 is cast."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_trainable or finetuning_args.pure_bf16 or finetuning_args.use_badam:
+        return False
+    return not (model_args.quantization_bit is None and is_deepspeed_zero3_enabled())
+
+
+def _new_adapter(model, finetuning_args):
+    """A new trainable adapter: calibrated on the train split, or, on resume, rebuilt from the checkpoint's saved ranks
+    (its rank_pattern) without calibration -- the Trainer then loads the checkpoint's weights into it."""
+    from peft import get_peft_model
+
     from ..tuner.config import AiraMoeConfig
+
+    resume = _find_resume_checkpoint()
+    if resume is not None:
+        peft_config = AiraMoeConfig.from_pretrained(resume)
+        peft_config.inference_mode = False
+        model = get_peft_model(model, peft_config)
+        logger.info("aira_moe: rebuilt adapter from %s for resume (ranks reused, calibration skipped)", resume)
+        return model
+    peft_config = peft_config_from_args(finetuning_args)
+    model = get_peft_model(model, peft_config)
+    if peft_config.needs_calibration:
+        args = _state.training_args
+        batch_size = args.per_device_train_batch_size if args is not None else 1
+        loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
+        model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
+    return model
+
+
+def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: bool):
+    """What ``init_adapter`` does for aira_moe: load adapters (merged into a float base, kept unmerged on a quantised or
+    ZeRO-3 base, as LoRA), continue training the last one, or create a new one, calibrated on the train split -- or, on
+    resume, rebuilt from the checkpoint's saved ranks without calibration."""
+    import torch
+    from peft import PeftModel
 
     quantization = getattr(model, "quantization_method", None)
     quantization = getattr(quantization, "value", quantization)  # transformers' QuantizationMethod is a str enum
@@ -363,44 +441,25 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
             "(`model_name_or_path` holds a quantised checkpoint): only bitsandbytes 4-/8-bit bases are supported."
         )
     adapters = list(model_args.adapter_name_or_path or [])
-    to_merge = adapters if (not is_trainable or finetuning_args.create_new_adapter) else adapters[:-1]
-    unmerged = _token_dependent_adapters(to_merge)  # 'routed' adapters cannot be merged: the last one is served as is
-    if unmerged and (unmerged != adapters[-1:] or is_trainable):
-        raise ValueError(f"`adapter_name_or_path`: {unmerged[0]} is a routed adapter, which cannot be merged into the "
-                         "weights (its update depends on the token); list it last, with no new adapter on top of it")
-    to_merge = [path for path in to_merge if path not in unmerged]
+    load_kwargs = _adapter_load_kwargs(model_args)
+    keep_last = bool(adapters) and ((is_trainable and not finetuning_args.create_new_adapter)
+                              or not _is_mergeable(model, adapters))
+    to_merge = adapters[:-1] if keep_last else adapters
     for path in to_merge:
-        model = PeftModel.from_pretrained(model, path, offload_folder=model_args.offload_folder).merge_and_unload()
+        model = PeftModel.from_pretrained(model, path, **load_kwargs).merge_and_unload()
     if to_merge:
         logger.info("aira_moe: merged %d adapter(s): %s", len(to_merge), ", ".join(to_merge))
+    if keep_last:
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable, **load_kwargs)
+        logger.info("aira_moe: %s adapter %s (unmerged)", "continuing training of" if is_trainable else "loaded",
+                    adapters[-1])
     if not is_trainable:
-        if unmerged:
-            model = PeftModel.from_pretrained(model, unmerged[0], offload_folder=model_args.offload_folder)
-            logger.info("aira_moe: serving the routed adapter %s unmerged", unmerged[0])
         return model
 
-    resume = _find_resume_checkpoint()
-    if adapters and not finetuning_args.create_new_adapter:
-        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
-        logger.info("aira_moe: continuing training of adapter %s", adapters[-1])
-    elif resume is not None:
-        # same shapes as the checkpoint (its rank_pattern), no re-calibration; the Trainer then loads its weights
-        peft_config = AiraMoeConfig.from_pretrained(resume)
-        peft_config.inference_mode = False
-        model = get_peft_model(model, peft_config)
-        logger.info("aira_moe: rebuilt adapter from %s for resume (ranks reused, calibration skipped)", resume)
-    else:
-        peft_config = peft_config_from_args(finetuning_args)
-        model = get_peft_model(model, peft_config)
-        if peft_config.needs_calibration:
-            args = _state.training_args
-            batch_size = args.per_device_train_batch_size if args is not None else 1
-            loader = _calibration_loader(batch_size, peft_config.awsvd_collect_steps)
-            model.calibrate(loader, report_dir=getattr(args, "output_dir", None))
-
+    if not keep_last:
+        model = _new_adapter(model, finetuning_args)
     _add_routing_loss_to_training_loss(model)
-    pure_half = finetuning_args.pure_bf16 or finetuning_args.use_badam
-    if not pure_half and not is_deepspeed_zero3_enabled():
+    if casts_trainable_params_to_fp32(model_args, finetuning_args, is_trainable):
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
@@ -486,6 +545,18 @@ def _patched_init_adapter(original):
     return init_adapter
 
 
+def _patched_cli_main(original):
+    @functools.wraps(original)
+    def main():
+        try:
+            return original()
+        except (AdapterFileError, OutputDirInUseError) as error:  # a user's file or directory: one line, exit 2
+            print(f"[aira_moe] {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+
+    return main
+
+
 def _replace(module, name: str, make_wrapper) -> None:
     original = getattr(module, name, None)
     if original is None:
@@ -504,6 +575,7 @@ def install() -> None:
     problem = unsupported("llamafactory", llamafactory.__version__)
     if problem is not None:
         raise RuntimeError(f"{problem}.")
+    import llamafactory.cli as lf_cli
     import llamafactory.data as lf_data
     import llamafactory.data.loader as lf_data_loader
     import llamafactory.hparams as lf_hparams
@@ -531,6 +603,7 @@ def install() -> None:
     _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
     lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data
     _replace(lf_trainer_utils, "create_ref_model", _patched_create_ref_model)
+    _replace(lf_cli, "main", _patched_cli_main)  # the llamafactory-cli script imports main after this runs
     for workflow in ("dpo", "kto", "ppo"):  # they import the name; those imported before this point get it here
         module = sys.modules.get(f"llamafactory.train.{workflow}.workflow")
         if module is not None:
