@@ -29,7 +29,7 @@ pytestmark = [
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.environ.get("AIRA_MOE_ARTIFACTS", os.path.join(ROOT, "tmp", "artifacts", "llamaboard"))
-README_WIDTH = 900  # the README picture is a downscaled, palette PNG of the allocation stage
+README_WIDTH = 1000  # the README picture is a downscaled, palette PNG of the allocation stage
 
 
 def free_port() -> int:
@@ -139,6 +139,20 @@ class Board:
 
     def stage(self, name):
         self.stages[name] = round(time.time() - self.started, 1)
+
+    def tall_shot(self, name, element, width, height):
+        """A screenshot from ``element`` down, in a ``width`` x ``height`` window, with no notification on top."""
+        from selenium.webdriver.common.by import By
+
+        for close in self.driver.find_elements(By.CSS_SELECTOR, ".toast-close"):
+            if close.is_displayed():
+                close.click()
+        previous = self.driver.get_window_size()
+        self.driver.set_window_size(width, height)
+        try:
+            return self.shot(name, element)
+        finally:
+            self.driver.set_window_size(previous["width"], previous["height"])
 
     def shot(self, name, element=None):
         if element is not None:
@@ -258,7 +272,7 @@ def test_aira_moe_in_llamaboard(board_server, browser, tmp_path):
     table = board.find(By.CSS_SELECTOR, "#aira_moe-allocation-table")
     board.stage("trained")
     board.shot("4_trained", board.find(By.XPATH, "//button[normalize-space()='Start']"))
-    readme_shot = board.shot("readme_full", board.find(By.XPATH, "//button[normalize-space()='Start']"))
+    readme_shot = board.tall_shot("readme_full", board.find(By.ID, "aira_moe-panel"), 1600, 2900)  # panel .. table
     run_dir = workdir / "saves" / "Custom" / "aira_moe" / output_dir_name
     for name in ("adapter_model.safetensors", "adapter_config.json", "aira_moe_allocation.json", "aira_moe_allocation.png"):
         assert (run_dir / name).is_file(), sorted(os.listdir(run_dir))

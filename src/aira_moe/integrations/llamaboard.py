@@ -105,8 +105,8 @@ def panel_locales(languages) -> dict[str, dict]:
 
 def _widget(key: PanelKey):
     elem_id = f"aira_moe-{key.name}"
-    if key.kind == "bool":
-        return gr.Checkbox(value=key.default, elem_id=elem_id)
+    if key.kind == "bool":  # the label sits beside the box: room for the longest switch name
+        return gr.Checkbox(value=key.default, elem_id=elem_id, min_width=220)
     if key.kind == "choice":
         return gr.Dropdown(choices=list(key.choices), value=key.default, elem_id=elem_id)
     if key.kind in ("int", "float"):
@@ -248,7 +248,7 @@ def allocation_view(model_name, finetuning_type, output_dir):
 
 def _build_panel():
     elements = {}
-    with gr.Accordion(open=True, visible=False) as panel:
+    with gr.Accordion(open=True, visible=False, elem_id="aira_moe-panel") as panel:
         elements[NOTE] = gr.Markdown()
         for switch, keys in panel_groups():
             elements[_group_element(switch)] = gr.Markdown()
