@@ -72,12 +72,15 @@ def board(tmp_path_factory):
         os.chdir(previous)
 
 
-def test_panel_is_generated_from_the_arguments():
+def test_panel_is_generated_from_the_arguments(monkeypatch):
+    from aira_moe.integrations import llamaboard_locales
     from aira_moe.integrations.llamaboard import panel_groups, panel_keys, panel_locales
     from aira_moe.integrations.llamaboard_locales import ZH_HELP
 
     assert [key.name for key in panel_keys()] == list(METHOD_KEYS)
-    assert [switch for switch, _ in panel_groups()] == [None, "use_layer_wise_rank", "use_awsvd_init", "use_activation_aware"]
+    switches = [switch for switch, _ in panel_groups()]
+    assert switches[0] is None and {"use_layer_wise_rank", "use_awsvd_init", "use_activation_aware"} <= set(switches)
+    assert all(keys[0].name == switch for switch, keys in panel_groups()[1:])  # each technique opens with its switch
     collaboration = [key.name for key in panel_groups()[0][1]]
     assert collaboration[:3] == ["num_A", "num_B", "cola_strategy"]
     config = {item.name: item for item in dataclasses.fields(AiraMoeConfig)}
@@ -88,13 +91,17 @@ def test_panel_is_generated_from_the_arguments():
     assert kinds["num_A"] == ("int", ()) and kinds["lod_threshold_M"] == ("float", ())
     assert kinds["use_awsvd_init"] == ("bool", ()) and kinds["rank_budget"] == ("yaml", ())  # int or 'auto'
     # every label is the YAML key; the info is the help with the default, in Chinese where translated
-    assert set(ZH_HELP) == set(METHOD_KEYS)
+    assert set(ZH_HELP) <= set(METHOD_KEYS)
     locales = panel_locales(("en", "ru", "zh", "ko", "ja"))
     for key in panel_keys():
         assert {entry["label"] for entry in locales[key.name].values()} == {key.name}
         assert locales[key.name]["en"]["info"] == f"{key.help} Default: {key.default}."
         assert locales[key.name]["zh"]["info"] == f"{ZH_HELP[key.name]} 默认值：{key.default}。"
     assert locales["aira_moe_group_use_awsvd_init"]["zh"]["value"] == "**AwSVD 初始化**"
+    # a key with no translation yet (a new key) shows its English help in Chinese too
+    monkeypatch.delitem(llamaboard_locales.ZH_HELP, "num_A")
+    num_a = next(key for key in panel_keys() if key.name == "num_A")
+    assert panel_locales(("en", "zh"))["num_A"]["zh"]["info"] == f"{num_a.help} 默认值：1。"
 
 
 def test_panel_values_are_read_as_in_a_yaml_recipe():
@@ -126,7 +133,7 @@ def test_method_is_an_adapter_method_everywhere(board):
 
 
 def test_runner_carries_the_panel_and_alerts_with_the_check_line(board, capsys):
-    from llamafactory.webui.common import gen_cmd, save_cmd
+    from llamafactory.webui.common import _clean_cmd, gen_cmd
 
     engine, assets, workdir = board
     runner, elem = engine.runner, engine.manager.get_elem_by_id
@@ -142,14 +149,20 @@ def test_runner_carries_the_panel_and_alerts_with_the_check_line(board, capsys):
                  "--use_layer_wise_rank True", "--rank_budget auto", "--use_awsvd_init False"):  # False kept
         assert line in command, command
     assert runner._initialize(data, do_train=True, from_preview=True) == ""
+    ppo = runner._parse_train_args({**data, elem("train.training_stage"): "PPO", elem("train.reward_model"): ["rm"]})
+    assert (ppo["reward_model"], ppo["reward_model_type"]) == ("saves/Custom/aira_moe/rm", "lora")  # an adapter
 
     # a budget the 2-layer model cannot take: the alert is the line `aira-moe check` prints for the same arguments
     bad = board_data(engine, assets, **{"top.finetuning_type": "aira_moe"}, **{**PANEL_VALUES, "train.rank_budget": "1000"})
     alert = runner._initialize(bad, do_train=True, from_preview=True)
     assert alert.startswith("`rank_budget`=1000 cannot be met by 2 layers"), alert
-    assert cli_main(["check", save_cmd(runner._parse_train_args(bad))]) == 2
+    # Start with it: the alert, and no process, no output dir
+    assert list(runner.run_train(bad)) == [{elem("train.output_box"): alert}]
+    assert runner.trainer is None and not os.path.exists(workdir / "saves" / "Custom" / "aira_moe" / "run")
+    bad_yaml = workdir / "bad.yaml"  # what Start would have written as training_args.yaml
+    bad_yaml.write_text(yaml.safe_dump(_clean_cmd(runner._parse_train_args(bad))))
+    assert cli_main(["check", str(bad_yaml)]) == 2
     assert capsys.readouterr().err.strip() == f"aira-moe check: {alert}"
-    assert not os.path.exists(workdir / "saves" / "Custom" / "aira_moe" / "run" / "trainer_log.jsonl")
     # an emptied field and a LoRA-only option get the same alert path
     empty = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.num_A": None})
     assert runner._initialize(empty, do_train=True, from_preview=False) == "`num_A` is empty; set a value (default 1)."
@@ -226,11 +239,12 @@ def test_lora_is_unchanged_and_an_unsupported_llamafactory_is_not_patched(board,
     stock = json.loads(result.stdout.strip().splitlines()[-1])
     assert stock["methods"] == ["full", "freeze", "lora", "oft"] and stock["peft"] == ["lora", "oft"]
     assert stock["patched"] == [False] * 5
+    from aira_moe.integrations.llamaboard import panel_locales
+
     hooked_ids = set(engine.manager._id_to_elem)
     added = hooked_ids - set(stock["ids"])
     assert set(stock["ids"]) <= hooked_ids
-    assert {elem_id.split(".", 1)[1] for elem_id in added} == set(METHOD_KEYS) | {
-        "aira_moe_tab", "aira_moe_note", "aira_moe_group_collaboration", "aira_moe_group_use_layer_wise_rank",
-        "aira_moe_group_use_awsvd_init", "aira_moe_group_use_activation_aware", "aira_moe_allocation_box",
-        "aira_moe_allocation_image", "aira_moe_allocation_table", "export_lora_btn"}
+    # what the hook adds: the panel's fields, titles and note, the allocation view, the export-lora button
+    ours = set(panel_locales(("en",))) | {"aira_moe_allocation_box", "aira_moe_allocation_table"}
+    assert {elem_id.split(".", 1)[1] for elem_id in added} == ours and set(METHOD_KEYS) <= ours
     assert lora_command(engine, assets) == stock["lora"]  # lora with the hook: the stock command, byte for byte

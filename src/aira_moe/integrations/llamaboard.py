@@ -258,11 +258,18 @@ def _build_panel():
     return panel, elements
 
 
+def _stock(elements: dict, name: str):
+    """A component the stock tab returned; LlamaBoard's layout changed if it is not there."""
+    if name not in elements:
+        raise _fail(f"the LlamaBoard component {name!r}")
+    return elements[name]
+
+
 def _patched_create_train_tab(original):
     @functools.wraps(original)
     def create_train_tab(engine):
         panel, panel_elements = _build_panel()
-        inputs = {element for name, element in panel_elements.items() if name in {key.name for key in panel_keys()}}
+        inputs = {panel_elements[key.name] for key in panel_keys()}
         stock_base_elems = engine.manager.get_base_elems
         # the stock tab wires preview / save / load / start to get_base_elems() plus its own inputs: add the panel's
         engine.manager.get_base_elems = lambda: stock_base_elems() | inputs
@@ -270,20 +277,21 @@ def _patched_create_train_tab(original):
             elements = original(engine)
         finally:
             del engine.manager.get_base_elems
-        _place_after(panel, elements["lora_tab"])
-        with _inside(elements["loss_viewer"].parent):
+        _place_after(panel, _stock(elements, "lora_tab"))
+        with _inside(_stock(elements, "loss_viewer").parent):
             with gr.Column(visible=False) as allocation_box:
                 allocation_image = gr.Image(interactive=False, elem_id="aira_moe-allocation-image")
                 allocation_table = gr.Markdown(elem_id="aira_moe-allocation-table")
 
         get = engine.manager.get_elem_by_id
         finetuning_type = get("top.finetuning_type")
-        view_inputs = [get("top.model_name"), finetuning_type, elements["output_dir"]]
+        output_dir, output_box = _stock(elements, "output_dir"), _stock(elements, "output_box")
+        view_inputs = [get("top.model_name"), finetuning_type, output_dir]
         view_outputs = [allocation_box, allocation_image, allocation_table]
         finetuning_type.change(lambda kind: gr.Accordion(visible=kind == FINETUNING_TYPE), [finetuning_type], [panel],
                                queue=False)
         # the runner's monitor rewrites the output box every poll: the allocation appears once calibration wrote it
-        for trigger in (finetuning_type, elements["output_dir"], elements["output_box"]):
+        for trigger in (finetuning_type, output_dir, output_box):
             trigger.change(allocation_view, view_inputs, view_outputs, queue=False)
         return {**elements, **panel_elements, "aira_moe_tab": panel, "aira_moe_allocation_box": allocation_box,
                 "aira_moe_allocation_image": allocation_image, "aira_moe_allocation_table": allocation_table}
@@ -325,13 +333,14 @@ def _patched_create_export_tab(original):
     def create_export_tab(engine):
         elements = original(engine)
         export_lora_btn = gr.Button(visible=False, elem_id="aira_moe-export-lora")
-        _place_after(export_lora_btn, elements["export_btn"])
+        _place_after(export_lora_btn, _stock(elements, "export_btn"))
         get = engine.manager.get_elem_by_id
         finetuning_type = get("top.finetuning_type")
         export_lora_btn.click(
             export_lora_from_ui,
-            [get("top.lang"), get("top.model_name"), finetuning_type, get("top.checkpoint_path"), elements["export_dir"]],
-            [elements["info_box"]],
+            [get("top.lang"), get("top.model_name"), finetuning_type, get("top.checkpoint_path"),
+             _stock(elements, "export_dir")],
+            [_stock(elements, "info_box")],
         )
         finetuning_type.change(lambda kind: gr.Button(visible=kind == FINETUNING_TYPE), [finetuning_type],
                                [export_lora_btn], queue=False)
