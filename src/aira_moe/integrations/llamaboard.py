@@ -169,7 +169,9 @@ def check_message(args: dict, lang: str) -> str:
         check_train_config(args)
     except (FileNotFoundError, ValueError) as error:
         return " ".join(str(error).split())
-    except SystemExit:  # the seam stops a run whose output_dir holds the same run, finished
+    except SystemExit as stop:  # the seam exits 0 when output_dir holds this same run, finished
+        if stop.code not in (0, None):
+            raise
         return message("complete_run", lang, output_dir=args["output_dir"])
     return ""
 
