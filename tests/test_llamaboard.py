@@ -169,6 +169,18 @@ def test_runner_carries_the_panel_and_alerts_with_the_check_line(board, capsys):
     dora = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.use_dora": True})
     assert "LoRA-only" in runner._initialize(dora, do_train=True, from_preview=True)
 
+    # an output dir holding this run, finished: the seam would train nothing, so LlamaBoard says so instead
+    done = workdir / "saves" / "Custom" / "aira_moe" / "done"
+    done.mkdir(parents=True)
+    for name, content in (("trainer_state.json", {"global_step": 4, "max_steps": 4}), ("all_results.json", {}),
+                          ("adapter_config.json", {})):
+        (done / name).write_text(json.dumps(content))
+    finished = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.output_dir": "done"}, **{
+        key: value for key, value in PANEL_VALUES.items() if key != "train.output_dir"})
+    assert runner._initialize(finished, do_train=True, from_preview=True) == (
+        "The run in saves/Custom/aira_moe/done is complete; nothing would be trained. Choose another output dir (or "
+        "set overwrite_output_dir in the extra arguments).")
+
     # Save arguments / Load arguments round-trip every panel key
     runner.save_args(data)
     saved = yaml.safe_load((workdir / "llamaboard_config" / "saved.yaml").read_text())
