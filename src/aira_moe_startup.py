@@ -2,8 +2,10 @@
 
 It must stay cheap (no torch import): it only arms an import watcher. When ``peft`` finishes importing, the AiraMoe
 method is registered with it (so ``PeftModel.from_pretrained`` works in any program, e.g. lm-evaluation-harness);
-when ``llamafactory`` finishes importing, ``finetuning_type: aira_moe`` is installed into it. torchrun workers start
-in ``llamafactory/launcher.py``, not the CLI, so this is the one place every process passes through.
+when ``llamafactory`` finishes importing, ``finetuning_type: aira_moe`` is installed into it; when its web UI
+(LlamaBoard, ``llamafactory.webui.interface``) finishes importing, the UI gets aira_moe too (only that process pays
+for it). torchrun workers start in ``llamafactory/launcher.py``, not the CLI, so this is the one place every process
+passes through.
 Set ``AIRA_MOE_DISABLE_STARTUP=1`` to turn it off.
 
 Failures stay local: on a peft or LLaMA-Factory version outside ``SUPPORTED`` the hook registers nothing (one
@@ -40,6 +42,7 @@ def unsupported(library: str, version: str):
 _ON_IMPORT = {
     "peft": ("aira_moe.tuner", None),
     "llamafactory": ("aira_moe.integrations.llamafactory", "install"),
+    "llamafactory.webui.interface": ("aira_moe.integrations.llamaboard", "install"),
 }
 
 
@@ -53,8 +56,11 @@ class _AfterImport(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        problem = unsupported(self._fullname, getattr(module, "__version__", "0"))
+        library = self._fullname.split(".")[0]  # a submodule is checked against its library's version
+        problem = unsupported(library, getattr(sys.modules[library], "__version__", "0"))
         if problem is not None:  # never break the library's other users: register nothing, guard aira_moe only
+            if self._fullname != library:
+                return  # warned (and guarded) when the library itself was imported
             import warnings
 
             warnings.warn(f"{problem}; aira_moe is not registered in this environment.", stacklevel=2)

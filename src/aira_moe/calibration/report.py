@@ -41,20 +41,34 @@ def build_report(
     }
 
 
+def _theta(row: dict) -> str:
+    return "-" if row["theta"] is None else f"{row['theta']:.4g}"
+
+
+def _summary(report: dict) -> str:
+    return (f"rank sum {report['rank_sum']} over {report['num_units']} layers; trainable params "
+            f"{report['trainable_params']:,} ({report['params_ratio_vs_uniform']:.3f}x uniform r={report['config'].get('r')})")
+
+
 def format_table(report: dict) -> str:
     lines = [f"{'layer':<32} {'theta':>10} {'rank':>5}"]
     for row in report["layers"]:
-        theta = "-" if row["theta"] is None else f"{row['theta']:.4g}"
-        lines.append(f"{row['unit']:<32} {theta:>10} {row['rank']:>5}")
-    lines.append(
-        f"rank sum {report['rank_sum']} over {report['num_units']} layers; trainable params "
-        f"{report['trainable_params']:,} ({report['params_ratio_vs_uniform']:.3f}x uniform r={report['config'].get('r')})"
-    )
+        lines.append(f"{row['unit']:<32} {_theta(row):>10} {row['rank']:>5}")
+    lines.append(_summary(report))
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The same table as Markdown (LlamaBoard shows it beside the loss plot)."""
+    lines = [f"| layer | theta ({report['config'].get('theta_type')}) | rank |", "|---|---:|---:|"]
+    lines += [f"| {row['unit']} | {_theta(row)} | {row['rank']} |" for row in report["layers"]]
+    return "\n".join(lines) + f"\n\n{_summary(report)}"
+
+
 def write_report(report: dict, output_dir: str) -> dict[str, str]:
-    """Write aira_moe_allocation.json and aira_moe_allocation.png into ``output_dir``; returns their paths."""
+    """Write aira_moe_allocation.json and aira_moe_allocation.png into ``output_dir``; returns their paths. Each file
+    is written under a temporary name and renamed, so a reader (LlamaBoard polls while training runs) never sees half
+    a file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,8 +76,9 @@ def write_report(report: dict, output_dir: str) -> dict[str, str]:
 
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, "aira_moe_allocation.json")
-    with open(json_path, "w", encoding="utf-8") as handle:
+    with open(json_path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
+    os.replace(json_path + ".tmp", json_path)
     png_path = os.path.join(output_dir, "aira_moe_allocation.png")
     rows = report["layers"]
     fig, ax_rank = plt.subplots(figsize=(max(6, 0.3 * len(rows) + 2), 4))
@@ -78,6 +93,7 @@ def write_report(report: dict, output_dir: str) -> dict[str, str]:
         ax_theta.set_ylabel(f"importance ({report['config'].get('theta_type')})")
     ax_rank.set_title(f"aira_moe rank allocation (sum {report['rank_sum']}, {report['config'].get('objective_function')})")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path + ".tmp", dpi=100, format="png")
     plt.close(fig)
+    os.replace(png_path + ".tmp", png_path)
     return {"json": json_path, "png": png_path}
