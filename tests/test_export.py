@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 
 from aira_moe import AiraMoeConfig
 from aira_moe.cli import main as cli_main
-from aira_moe.export import export_lora
+from aira_moe.export import export_lora, to_lora_adapter
 from aira_moe.export.lora import reduce_rank
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,7 +118,7 @@ def test_live_model_export_matches_file_export(tmp_path, input_ids):
     model = trained_adapter("random", "all", tmp_path)
     model.save_pretrained(tmp_path / "aira")
     from_file = export_lora(str(tmp_path / "aira"), str(tmp_path / "a"))
-    from_model = model.to_lora_adapter(str(tmp_path / "b"))
+    from_model = to_lora_adapter(model, str(tmp_path / "b"))
     assert from_file["r"] == from_model["r"]
     from safetensors.torch import load_file
 

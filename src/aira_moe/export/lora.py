@@ -257,3 +257,19 @@ def export_lora(adapter_dir: str, out_dir: str, *, max_rank: Optional[int] = Non
     config, modules, other = read_aira_moe_adapter(adapter_dir)
     return write_lora_adapter(config, modules, other, out_dir, max_rank=max_rank, truncate=truncate, dtype=dtype,
                               overwrite=overwrite)
+
+
+def to_lora_adapter(model, out_dir: str, adapter_name: Optional[str] = None, *, max_rank: Optional[int] = None,
+                    truncate: bool = False, dtype: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Write the aira_moe adapter of a live ``PeftModel`` (or ``AiraMoeModel``), exactly, as a standard LoRA adapter
+    (no save needed); returns the export report. Lives here, not on the tuner: export reads the tuner, never the
+    other way round."""
+    from ..tuner.model import AiraMoeModel
+
+    tuner = model if isinstance(model, AiraMoeModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, AiraMoeModel):
+        raise ValueError(f"to_lora_adapter needs a PeftModel holding an aira_moe adapter, got {type(model).__name__}")
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    modules, other = modules_from_model(tuner, adapter_name)
+    return write_lora_adapter(tuner.peft_config[adapter_name], modules, other, out_dir, max_rank=max_rank,
+                              truncate=truncate, dtype=dtype, overwrite=overwrite)
