@@ -129,15 +129,15 @@ def _count_decoder_layers(model_name_or_path: str) -> Optional[int]:
 
 
 def _check_budget_early(model_args, finetuning_args) -> None:
-    from ..calibration.allocation import check_budget, resolve_budget
+    from ..calibration.allocation import resolve_budget
 
     if not finetuning_args.use_layer_wise_rank or model_args.adapter_name_or_path:
         return
     num_layers = _count_decoder_layers(model_args.model_name_or_path)
     if num_layers is None:
         return  # a hub id: checked again, against the loaded model, before calibration
-    budget = resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank)
-    check_budget(budget, num_layers, finetuning_args.min_rank, finetuning_args.max_rank)
+    resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank, finetuning_args.min_rank,
+                   finetuning_args.max_rank)
 
 
 def _check_datasets(args: dict) -> int:
