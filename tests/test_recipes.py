@@ -153,6 +153,9 @@ def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
     ("dataset=gsm8k,nope", r"`dataset` 'nope' is not registered in .*dataset_info.json \(known: .*gsm8k"),
     ("adapter_name_or_path=saves/aira_moe/absent", r"no adapter at saves/aira_moe/absent"),
     ("cola_strategy=nested", r"`cola_strategy` must be one of \['full', 'heuristic', 'random'\], got 'nested'"),
+    ("num_a=2", r"`num_a` is not a key of llamafactory-cli or aira_moe; did you mean `num_A`\?$"),
+    ("use_layer_wise_rank=false", r"`rank_budget`=256, `min_rank`=4, `max_rank`=64 have no effect without "
+                                  r"`use_layer_wise_rank: true`; set that or remove them\.$"),
 ])
 def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
     pytest.importorskip("llamafactory")
@@ -163,6 +166,40 @@ def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("aira-moe check:")]
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"use_awsvd_init": False, "awsvd_mode": "residual"}, "`awsvd_mode`='residual' has no effect without "
+                                                          "`use_awsvd_init: true`"),
+    ({"awsvd_split": "symmetric"}, "`awsvd_split`='symmetric' has no effect without `awsvd_mode: residual`"),
+    ({"use_activation_aware": False}, "`activation_aware_mode`='outps' has no effect without `use_activation_aware: true`"),
+    ({"theta_type": "act", "lod_threshold_M": 2.5}, "`lod_threshold_M`=2.5 has no effect without `theta_type: lod`"),
+])
+def test_a_key_whose_switch_is_off_is_an_error_naming_both(override, message, tmp_path):
+    pytest.importorskip("llamafactory")
+    from llamafactory.hparams import get_train_args
+
+    args = {**load_config("finance"), "output_dir": str(tmp_path / "out"), "bf16": False, "use_cpu": True, **override}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_train_args(args)
+    if "lod_threshold_M" in override:  # the key at its default sets nothing that does nothing: accepted
+        assert get_train_args({**args, "lod_threshold_M": 4.0})[3].theta_type == "act"
+
+
+def test_check_finds_a_lora_target_that_names_no_module_without_loading_weights(tmp_path):
+    pytest.importorskip("llamafactory")
+    from aira_moe.integrations.llamafactory import check_train_config
+    from aira_moe.tiny import tiny_llama_config
+
+    tiny_llama_config(400).save_pretrained(tmp_path / "model")  # config.json only: no weights to load
+    args = {**load_config("math"), "model_name_or_path": str(tmp_path / "model"), "rank_budget": "auto",
+            "output_dir": str(tmp_path / "out"), "bf16": False, "dataset_dir": os.path.join(REPO, "data")}
+    with pytest.raises(ValueError, match=r"^`lora_target` v_prj names no Linear module of .*model \(its Linear "
+                                         r"modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+                                         r"v_proj; or `lora_target: all`\)$"):
+        check_train_config({**args, "lora_target": "q_proj,v_prj"})
+    assert check_train_config({**args, "lora_target": "q_proj,v_proj"}).startswith("finetuning_type aira_moe")
+    assert check_train_config({**args, "lora_target": "all"}).startswith("finetuning_type aira_moe")
 
 
 def test_readme_test_command_is_what_ci_runs():

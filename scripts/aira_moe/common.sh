@@ -44,10 +44,16 @@ if [[ "${TINY:-0}" == "1" ]]; then
   DEEPSPEED="${DEEPSPEED:-none}"
   OUTPUT_DIR="${OUTPUT_DIR:-$TINY_DIR/runs/$RECIPE-$(date +%Y%m%d-%H%M%S)}"
   # same method keys as the recipe, sized for a 4-layer, 64-wide model on CPU
-  OVERRIDES+=(dataset="$TINY_DATASET" lora_rank=4 lora_alpha=8 rank_budget=auto min_rank=2 max_rank=8
-              awsvd_collect_steps=4 cutoff_len=128 max_samples=256 per_device_train_batch_size=8
-              gradient_accumulation_steps=1 max_steps=20 save_steps=10 logging_steps=5 bf16=false use_cpu=true
-              preprocessing_num_workers=1 dataloader_num_workers=0 learning_rate=1.0e-3)
+  OVERRIDES+=(dataset="$TINY_DATASET" lora_rank=4 lora_alpha=8 cutoff_len=128 max_samples=256
+              per_device_train_batch_size=8 gradient_accumulation_steps=1 max_steps=20 save_steps=10 logging_steps=5
+              bf16=false use_cpu=true preprocessing_num_workers=1 dataloader_num_workers=0 learning_rate=1.0e-3)
+  # only the keys the recipe's switches use (a key whose switch is off is an error)
+  if [[ "$(yaml_value use_layer_wise_rank)" == "true" ]]; then
+    OVERRIDES+=(rank_budget=auto min_rank=2 max_rank=8)
+  fi
+  if grep -qE '^use_(layer_wise_rank|awsvd_init|activation_aware): *true' "$CONFIG"; then
+    OVERRIDES+=(awsvd_collect_steps=4)
+  fi
 fi
 
 MODEL="${MODEL:-$(yaml_value model_name_or_path)}"

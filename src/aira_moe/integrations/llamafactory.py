@@ -4,6 +4,7 @@
 workers get it too). It patches, in place and by name:
 
 * the argument parser's dataclass tuples: ``FinetuningArguments`` -> a subclass accepting ``aira_moe`` and its keys;
+* ``parser._parse_args``: 'did you mean' for a mis-spelt key (``num_a`` -> ``num_A``);
 * ``parser._verify_model_args``: lets aira_moe load adapters like LoRA, refuses quantised bases;
 * ``parser._check_extra_dependencies``: DDP/label settings LLaMA-Factory applies to LoRA only, and the rank-budget
   check against the model's layer count, before the model is loaded;
@@ -140,6 +141,31 @@ def _check_budget_early(model_args, finetuning_args) -> None:
                    finetuning_args.max_rank)
 
 
+def _check_lora_target(model_args, finetuning_args) -> None:
+    """Every ``lora_target`` name must match a Linear module of the model (peft's rule: the full name or its dotted
+    suffix). Read from a local config.json on the meta device, so no weight is loaded; a hub id, or a config that is
+    not a causal LM (a vision-language model is loaded by another class), is checked when the model loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    targets = list(finetuning_args.lora_target)
+    path = model_args.model_name_or_path
+    if targets == ["all"] or not os.path.isfile(os.path.join(path, "config.json")):
+        return
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [target for target in targets if not any(name == target or name.endswith("." + target) for name in linear)]
+    if missing:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ValueError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
+                         f"{', '.join(available)}; or `lora_target: all`)")
+
+
 def _check_datasets(args: dict) -> int:
     """Every name in ``dataset`` / ``eval_dataset`` must be registered in ``dataset_dir``/dataset_info.json."""
     dataset_dir = args.get("dataset_dir", "data")
@@ -165,7 +191,8 @@ def check_train_config(args: dict) -> str:
     """Validate a ``llamafactory-cli train`` config in this process, as its parser will, without loading the model or
     the data: argument parsing (every aira_moe check included: the rank budget against the model's config.json when
     it is local), the dataset names against dataset_info.json, adapter paths and the DeepSpeed file. Returns a
-    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun."""
+    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun.
+    Beyond the parse: every ``lora_target`` name against the model's modules (built on the meta device)."""
     from llamafactory.hparams import get_train_args
 
     datasets = _check_datasets(args)
@@ -175,9 +202,39 @@ def check_train_config(args: dict) -> str:
         raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
     # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
-    _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    model_args, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    if _is_aira_moe(finetuning_args):
+        _check_lora_target(model_args, finetuning_args)
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
+
+
+def _suggest_known_key(args: dict, parser) -> None:
+    """An unknown key that is a known one in other case, or nearly (``num_a`` for ``num_A``), gets 'did you mean'
+    instead of LLaMA-Factory's list of unused keys."""
+    import difflib
+
+    known = {item.name for kind in parser.dataclass_types for item in dataclasses.fields(kind)}
+    by_case = {name.lower(): name for name in known}
+    for key in args:
+        if key in known:
+            continue
+        match = by_case.get(key.lower()) or next(iter(difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)), None)
+        if match:
+            raise ValueError(f"`{key}` is not a key of llamafactory-cli or aira_moe; did you mean `{match}`?")
+
+
+def _patched_parse_args(original):
+    @functools.wraps(original)
+    def parse(parser, args=None, allow_extra_keys=False):
+        import llamafactory.hparams.parser as lf_parser
+
+        args = lf_parser.read_args(args)  # the YAML file (+ overrides) as a dict; a flag list is left to the parser
+        if isinstance(args, dict) and not allow_extra_keys:
+            _suggest_known_key(args, parser)
+        return original(parser, args, allow_extra_keys)
+
+    return parse
 
 
 def _patched_verify_model_args(original):
@@ -415,6 +472,7 @@ def install() -> None:
         lf_hparams.FinetuningArguments = extended
         lf_parser.FinetuningArguments = extended
 
+    _replace(lf_parser, "_parse_args", _patched_parse_args)
     _replace(lf_parser, "_verify_model_args", _patched_verify_model_args)
     _replace(lf_parser, "_check_extra_dependencies", _patched_check_extra_dependencies)
     _replace(lf_adapter, "init_adapter", _patched_init_adapter)
