@@ -115,17 +115,35 @@ def test_dry_run_resolves_env_overrides_from_any_cwd(tmp_path):
     assert "deepspeed=" not in line
 
 
-def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
-    pytest.importorskip("llamafactory")
-    text = open(os.path.join(SCRIPTS, "math.sh"), encoding="utf-8").read()
+def with_eval_block_uncommented(recipe, directory):
+    """A copy of the recipe script (and common.sh) in ``directory`` with its eval block enabled, as a user edits it."""
+    text = open(os.path.join(SCRIPTS, f"{recipe}.sh"), encoding="utf-8").read()
     head, rest = text.split("# >>> eval\n", 1)
     block, tail = rest.split("# <<< eval", 1)
     uncommented = "".join(line[2:] + "\n" for line in block.splitlines())
-    for name in ("common.sh",):
-        shutil.copy(os.path.join(SCRIPTS, name), tmp_path / name)
-    script = tmp_path / "math.sh"
+    shutil.copy(os.path.join(SCRIPTS, "common.sh"), directory / "common.sh")
+    script = directory / f"{recipe}.sh"
     script.write_text(head + "# >>> eval\n" + uncommented + "# <<< eval" + tail)
     script.chmod(0o755)
+    return script
+
+
+def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
+    script = with_eval_block_uncommented("generality_basic", tmp_path)
+    env = {**os.environ, "AIRA_MOE_REPO": REPO, "OUTPUT_DIR": str(tmp_path / "run"), "DEEPSPEED": "none"}
+    env.pop("TASK_DIR", None)
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    missing = os.path.join(REPO, "evaluation", "gsm8k", "test.csv")
+    assert result.stderr.strip().splitlines() == [
+        f"aira_moe: the eval block scores gsm8k from TASK_DIR={REPO}/evaluation: task 'gsm8k': {missing} not found; "
+        "check `task_dir` (layout in docs/evaluation.md)"]
+    assert "aira-moe check" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
+
+def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
+    pytest.importorskip("llamafactory")
+    script = with_eval_block_uncommented("math", tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO}
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

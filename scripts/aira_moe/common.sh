@@ -8,7 +8,8 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT             multi-node torchrun settings (read by llamafactory-cli)
 #   OUTPUT_DIR       where the adapter, checkpoints, allocation report and eval results go
 #   DATASET_DIR      directory with dataset_info.json and the data files (default: <repo>/data)
-#   TASK_DIR         evaluation files for the eval block (layout: docs/evaluation.md; default: <repo>/evaluation)
+#   TASK_DIR         evaluation files for the eval block (layout: docs/evaluation.md; default: <repo>/evaluation);
+#                    checked before training when the eval block is uncommented
 #   TEMPLATE         chat template (default: the YAML's)
 #   DEEPSPEED        DeepSpeed config, or "none"            (default: configs/deepspeed/ds_z2_config.json)
 #   EXTRA            extra key=value overrides, space-separated; arguments given to the script are overrides too
@@ -72,6 +73,27 @@ fi
 read -r -a EXTRA_OVERRIDES <<< "${EXTRA:-}"
 OVERRIDES+=("${EXTRA_OVERRIDES[@]}" "$@")
 
+check_eval_tasks() {  # the tasks of the uncommented eval block must be readable from TASK_DIR before training starts
+  local -a tasks
+  mapfile -t tasks < <(sed -n '/^# >>> eval$/,/^# <<< eval$/s/^aira_eval \([^ ]*\).*/\1/p' "$0")
+  if [[ ${#tasks[@]} -eq 0 ]]; then
+    return 0
+  fi
+  python - "$TASK_DIR" "${tasks[@]}" <<'PY'
+import sys
+
+from aira_moe.evaluation.tasks import load_task
+
+task_dir = sys.argv[1]
+for task in sys.argv[2:]:
+    try:
+        load_task(task, task_dir)
+    except (FileNotFoundError, ValueError) as error:  # reported, and the recipe stops before training
+        print(f"aira_moe: the eval block scores {task} from TASK_DIR={task_dir}: {error}", file=sys.stderr)
+        sys.exit(2)
+PY
+}
+
 aira_train() {
   local -a cmd=(llamafactory-cli train "$CONFIG" "${OVERRIDES[@]}")
   local launch="FORCE_TORCHRUN=1 NPROC_PER_NODE=$NPROC_PER_NODE"
@@ -86,6 +108,7 @@ aira_train() {
     return 0
   fi
   # validate the whole config here, before torchrun: a bad value is one line and exit 2, not a trace per worker
+  check_eval_tasks || exit $?
   LLAMAFACTORY_VERBOSITY=WARN aira-moe check "$CONFIG" "${OVERRIDES[@]}" || exit $?
   if [[ "${TINY:-0}" == "1" ]]; then
     env FORCE_TORCHRUN=1 CUDA_VISIBLE_DEVICES= "${cmd[@]}"
