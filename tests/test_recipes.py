@@ -220,6 +220,22 @@ def test_check_finds_a_lora_target_that_names_no_module_without_loading_weights(
     assert check_train_config({**args, "lora_target": "all"}).startswith("finetuning_type aira_moe")
 
 
+def test_check_on_a_finished_run_says_ok_and_that_nothing_would_train(tmp_path):
+    pytest.importorskip("llamafactory")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    # what a completed run leaves (the files _completed_run reads): global_step == max_steps
+    (finished / "trainer_state.json").write_text(json.dumps({"global_step": 30, "max_steps": 30}))
+    (finished / "all_results.json").write_text("{}")
+    (finished / "adapter_config.json").write_text("{}")
+    result = subprocess.run(["aira-moe", "check", os.path.join(REPO, "configs", "math.yaml"), "bf16=false",
+                             f"output_dir={finished}", f"dataset_dir={os.path.join(REPO, 'data')}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"the run in {finished} is complete (30 of 30 steps); nothing is trained" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f"[aira-moe check] {os.path.join(REPO, 'configs', 'math.yaml')}: ok (")
+
+
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()

@@ -45,6 +45,7 @@ class _State:
     training_args = None
     train_dataset = None
     tokenizer = None
+    checking = False  # inside ``aira-moe check``: a finished run is reported, not stopped
 
 
 _state = _State()
@@ -202,7 +203,11 @@ def check_train_config(args: dict) -> str:
         raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
     # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
-    model_args, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    _state.checking = True
+    try:
+        model_args, _, training_args, finetuning_args, _ = get_train_args(parsed)
+    finally:
+        _state.checking = False
     if _is_aira_moe(finetuning_args):
         _check_lora_target(model_args, finetuning_args)
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
@@ -309,7 +314,8 @@ def _stop_if_run_is_complete(training_args) -> None:
         "To train again, set `overwrite_output_dir: true` or choose another `output_dir`.",
         training_args.output_dir, state["global_step"], state["max_steps"],
     )
-    raise SystemExit(0)
+    if not _state.checking:
+        raise SystemExit(0)
 
 
 def _patched_get_dataset(original):
