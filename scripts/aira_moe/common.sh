@@ -13,7 +13,8 @@
 #   TEMPLATE         chat template (default: the YAML's)
 #   DEEPSPEED        DeepSpeed config, or "none"            (default: configs/deepspeed/ds_z2_config.json)
 #   EXTRA            extra key=value overrides, space-separated; arguments given to the script are overrides too
-#   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data)
+#   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data,
+#                    built in TINY_DIR, default ${TMPDIR:-/tmp}/aira_moe_tiny)
 #   DRY_RUN=1        print the resolved command and stop
 #   AIRA_MOE_REPO    repository root holding configs/ and data/ (default: two levels above this file)
 set -euo pipefail

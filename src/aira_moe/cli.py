@@ -93,8 +93,11 @@ def prepare_demo(output_dir: str, overwrite: bool) -> tuple[str, dict]:
     """The demo's user errors, before any work: an existing train/ without --overwrite (FileExistsError), assets
     built with other settings (ValueError). Returns the train directory and the tiny assets' absolute paths (so the
     adapter records where its base model is, and peft's from_pretrained works from any directory)."""
+    from transformers.utils import logging as transformers_logging
+
     from .tiny import build_tiny_assets
 
+    transformers_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for a 2-layer model
     train_dir = os.path.join(os.path.abspath(output_dir), "train")
     if os.path.exists(train_dir) and not overwrite:
         raise FileExistsError(f"{train_dir} exists; pass --overwrite or another --output_dir")
@@ -109,11 +112,9 @@ def run_demo(train_dir: str, assets: dict) -> dict:
     then score the base model and the adapter on the held-out synthetic questions. LLaMA-Factory's own output goes
     to train.log."""
     import yaml
-    from transformers.utils import logging as transformers_logging
 
     from .evaluation import EvalArguments, evaluate
 
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars for a 2-layer model are noise here
     output_dir = os.path.dirname(train_dir)
     config = {**DEMO_TRAIN, "model_name_or_path": assets["model"], "dataset": assets["dataset"],
               "dataset_dir": assets["dataset_dir"], "output_dir": train_dir}
