@@ -180,6 +180,18 @@ def test_default_is_zero_shot_even_with_a_dev_split_and_writes_results(tmp_path,
     assert recorder.lengths == explicit.lengths and all(a < b for a, b in zip(recorder.lengths, five.lengths))
 
 
+def test_cli_refuses_more_shots_than_the_dev_split_in_one_line_before_loading(tmp_path, capsys):
+    from aira_moe.cli import main
+
+    write_gsm8k(tmp_path, ANSWERS)  # gsm8k ships no dev split: only the default 0 works
+    code = main(["eval", "--model_name_or_path", str(tmp_path / "no_model_here"), "--task", "gsm8k",
+                 "--task_dir", str(tmp_path), "--n_shot", "5", "--save_dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error == ("aira-moe eval: `n_shot`=5 but subject 'gsm8k' has 0 dev examples in `task_dir`; "
+                                   "lower n_shot (0 works for every task)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_shows_every_default(capsys):
     from aira_moe.cli import parse_eval_args
 

@@ -224,12 +224,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "eval":
         from .evaluation import evaluate
+        from .evaluation.prompts import select_shots
         from .evaluation.tasks import load_task
 
         args = parse_eval_args(rest)
         try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
             args.validate()
             subjects = load_task(args.task, args.task_dir)
+            for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
+                select_shots(subject, args.n_shot, args.seed)
         except (FileNotFoundError, ValueError) as error:
             print(f"aira-moe eval: {error}", file=sys.stderr)
             return 2

@@ -33,9 +33,9 @@ class EvalArguments:
     task_dir: str = field(default="evaluation", metadata={"help": "Directory with the task files."})
     n_shot: int = field(
         default=0,
-        metadata={"help": "Number of dev examples shown before each question. Default 0: the bare question, as SFT data "
-                          "presents it and as `aira-moe demo` scores it, so the number matches the training run's; "
-                          "pass 5 for the MMLU-style k-shot protocol (needs a dev split of that size)."},
+        metadata={"help": "Number of dev examples shown before each question. Default 0: the bare question, as "
+                          "SFT data presents it and as `aira-moe demo` scores it, so the number matches the training "
+                          "run's; pass 5 for the MMLU-style k-shot protocol (needs a dev split of that size)."},
     )
     lang: str = field(default="en", metadata={"help": "Prompt language: en or zh."})
     batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})

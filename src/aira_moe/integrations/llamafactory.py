@@ -160,7 +160,8 @@ def _check_lora_target(model_args, finetuning_args) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    missing = [target for target in targets if not any(name == target or name.endswith("." + target) for name in linear)]
+    missing = [target for target in targets
+               if not any(name == target or name.endswith("." + target) for name in linear)]
     if missing:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
         raise ValueError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
@@ -224,7 +225,8 @@ def _suggest_known_key(args: dict, parser) -> None:
     for key in args:
         if key in known:
             continue
-        match = by_case.get(key.lower()) or next(iter(difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)), None)
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
+        match = by_case.get(key.lower()) or (close[0] if close else None)
         if match:
             raise ValueError(f"`{key}` is not a key of llamafactory-cli or aira_moe; did you mean `{match}`?")
 

@@ -79,7 +79,9 @@ def collect_for_model(
             layer.enable_adapters(not previously_disabled[name])
 
 
-def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str, layers=None, units=None) -> dict[str, float]:
+def layer_importance(
+    tuner, stats: dict[str, ChannelStats], adapter_name: str, layers=None, units=None
+) -> dict[str, float]:
     """theta per allocation unit = mean over its modules of LOD (``theta_type='lod'``) or mean |x| ('act')."""
     config = tuner.peft_config[adapter_name]
     if layers is None:
