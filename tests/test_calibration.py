@@ -57,9 +57,12 @@ def test_lod_by_hand():
     weight = torch.tensor([[1.0, -4.0], [0.5, 2.0]])
     norms = torch.tensor([2.0, 1.0])
     # A = |W| * a = [[2, 4], [1, 2]], mean 2.25; M = 1.5 -> threshold 3.375 -> one entry (4) above: 1/4
-    assert lod_score(weight, norms, 1.5) == pytest.approx(0.25)
+    assert lod_score(weight, norms, 1.5, reference="mean") == pytest.approx(0.25)
     # M = 0.5 -> threshold 1.125 -> entries 2, 4, 2 above: 3/4
-    assert lod_score(weight, norms, 0.5) == pytest.approx(0.75)
+    assert lod_score(weight, norms, 0.5, reference="mean") == pytest.approx(0.75)
+    # the function's default reference is the config's (median 2: M = 0.9 -> threshold 1.8 -> 3/4, the mean gives 1/4)
+    assert AiraMoeConfig().lod_reference == "median"
+    assert lod_score(weight, norms, 0.9) == lod_score(weight, norms, 0.9, reference="median") == pytest.approx(0.75)
 
 
 def test_lod_median_reference_by_hand():

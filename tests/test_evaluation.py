@@ -151,27 +151,45 @@ def test_cli_flags_override_yaml(tmp_path):
         parse_eval_args(["--model_name_or_path", "m"])
 
 
-def test_defaults_pick_n_shot_and_write_results(tmp_path, monkeypatch, capsys):
-    write_gsm8k(tmp_path, ANSWERS)  # no dev split: 0 shots
-    monkeypatch.chdir(tmp_path)
-    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path))
-    evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
-    out = capsys.readouterr().out
-    assert args.n_shot == 0 and "n_shot=0" in out
-    written = list((tmp_path / "outputs" / "eval").glob("gsm8k-*/results.json"))
-    assert len(written) == 1 and f"results: {os.path.join('outputs', 'eval', written[0].parent.name, 'results.json')}" in out
-    # a dev split of 3: 3 shots; the default never exceeds 5
+def test_default_is_zero_shot_even_with_a_dev_split_and_writes_results(tmp_path, monkeypatch, capsys):
+    """The default scores the bare question (as SFT data and the demo present it), whatever dev split the task has."""
+    write_gsm8k(tmp_path, ANSWERS)
     with open(tmp_path / "gsm8k" / "dev.csv", "w", newline="", encoding="cp1252") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "question", "A", "B", "C", "D", "answer"])
-        for i in range(3):
+        for i in range(5):
             writer.writerow([i, f"dev {i}?", "1", "2", "3", "4", "B"])
-    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), save_dir=str(tmp_path / "k"))
-    evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
-    assert args.n_shot == 3
-    from aira_moe.evaluation.runner import default_n_shot
+    monkeypatch.chdir(tmp_path)
+    recorder = LengthRecorder()
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path))
+    evaluate(args, model=recorder, tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    out = capsys.readouterr().out
+    assert args.n_shot == 0
+    written = list((tmp_path / "outputs" / "eval").glob("gsm8k-*/results.json"))
+    assert len(written) == 1 and f"results: {os.path.join('outputs', 'eval', written[0].parent.name, 'results.json')}" in out
+    assert json.loads(written[0].read_text())["args"]["n_shot"] == 0
+    # the same prompts as an explicit --n_shot 0, and shorter than --n_shot 5 (which uses the dev split)
+    explicit = LengthRecorder()
+    evaluate(EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=0,
+                           save_dir=str(tmp_path / "zero")), model=explicit, tokenizer=LetterTokenizer(),
+             encode=simple_encode, device="cpu", quiet=True)
+    five = LengthRecorder()
+    evaluate(EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), n_shot=5,
+                           save_dir=str(tmp_path / "five")), model=five, tokenizer=LetterTokenizer(),
+             encode=simple_encode, device="cpu", quiet=True)
+    assert recorder.lengths == explicit.lengths and all(a < b for a, b in zip(recorder.lengths, five.lengths))
 
-    assert default_n_shot([Subject("s", "s", [], [dev] * 9) for dev in [Question("q", ("a", "b", "c", "d"), "A")]]) == 5
+
+def test_cli_refuses_more_shots_than_the_dev_split_in_one_line_before_loading(tmp_path, capsys):
+    from aira_moe.cli import main
+
+    write_gsm8k(tmp_path, ANSWERS)  # gsm8k ships no dev split: only the default 0 works
+    code = main(["eval", "--model_name_or_path", str(tmp_path / "no_model_here"), "--task", "gsm8k",
+                 "--task_dir", str(tmp_path), "--n_shot", "5", "--save_dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error == ("aira-moe eval: `n_shot`=5 but subject 'gsm8k' has 0 dev examples in `task_dir`; "
+                                   "lower n_shot (0 works for every task)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_shows_every_default(capsys):
@@ -183,6 +201,7 @@ def test_help_shows_every_default(capsys):
     for name in ("template", "n_shot", "batch_size", "save_dir", "overwrite_save_dir", "device"):
         assert f"--{name}" in text
     assert "(default: default)" in text and "(default: 4)" in text and "(default: False)" in text
+    assert "Default 0: the bare question" in text and "as `aira-moe demo` scores it" in text and "(default: 0)" in text
 
 
 class LengthRecorder(RiggedModel):

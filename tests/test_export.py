@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 
 from aira_moe import AiraMoeConfig
 from aira_moe.cli import main as cli_main
-from aira_moe.export import export_lora
+from aira_moe.export import export_lora, to_lora_adapter
 from aira_moe.export.lora import reduce_rank
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,7 +118,7 @@ def test_live_model_export_matches_file_export(tmp_path, input_ids):
     model = trained_adapter("random", "all", tmp_path)
     model.save_pretrained(tmp_path / "aira")
     from_file = export_lora(str(tmp_path / "aira"), str(tmp_path / "a"))
-    from_model = model.to_lora_adapter(str(tmp_path / "b"))
+    from_model = to_lora_adapter(model, str(tmp_path / "b"))
     assert from_file["r"] == from_model["r"]
     from safetensors.torch import load_file
 
@@ -164,9 +164,33 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "x"
     # heuristic 2x3 r=3 needs rank 6: refused at 4, truncated with the error printed
     assert cli_main(["export-lora", "--adapter", str(tmp_path / "aira"), "--out", str(tmp_path / "o4"), "--max_rank", "4"]) == 2
-    assert "needs rank 6" in capsys.readouterr().err and not (tmp_path / "o4").exists()
+    error = capsys.readouterr().err
+    assert "needs 6" in error and "`--max_rank 6`" in error and not (tmp_path / "o4").exists()
     assert cli_main(["export-lora", "--adapter", str(tmp_path / "aira"), "--out", str(tmp_path / "o4"), "--max_rank", "4",
                      "--truncate"]) == 0
     out = capsys.readouterr().out
     assert "r=4" in out and "relative error" in out
     assert cli_main(["export-lora", "--adapter", str(tmp_path / "aira"), "--out", str(existing), "--overwrite"]) == 0
+
+
+def test_too_small_max_rank_names_the_one_max_rank_that_fits_every_module(tmp_path, capsys):
+    """Modules need different ranks (layer-wise ranks + a residual init): the error names the largest, once, and that
+    number then exports every module exactly."""
+    model = trained_adapter("full", "all", tmp_path)
+    model.save_pretrained(tmp_path / "aira")
+    needed = export_lora(str(tmp_path / "aira"), str(tmp_path / "free"))["rank_needed"]
+    largest, smallest = max(needed.values()), min(needed.values())
+    assert smallest < largest  # the case this test is about
+    too_small = largest - 1
+    over = sum(rank > too_small for rank in needed.values())
+    args = ["export-lora", "--adapter", str(tmp_path / "aira"), "--out", str(tmp_path / "o")]
+    capsys.readouterr()  # the calibration's progress bars
+    assert cli_main(args + ["--max_rank", str(too_small)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"{over} of {len(needed)} modules" in error, error
+    assert f"pass `--max_rank {largest}` or more" in error and "`--truncate`" in error
+    assert not (tmp_path / "o").exists()
+    assert cli_main(args + ["--max_rank", str(largest)]) == 0
+    with open(tmp_path / "o" / "aira_moe_export.json", encoding="utf-8") as handle:
+        report = json.load(handle)
+    assert report["r"] == largest and report["truncated"] == {} and report["rank_needed"] == needed

@@ -69,3 +69,12 @@ def test_calibration_is_math_and_evaluation_does_not_import_integrations():
             assert all(t.startswith("aira_moe.calibration") for t in targets), (module, targets)
         if module.startswith("aira_moe.evaluation"):
             assert not any(t.startswith("aira_moe.integrations") for t in targets), (module, targets)
+
+
+def test_tuner_does_not_import_export():
+    """export reads the tuner (to_lora_adapter, export_lora); the tuner never reaches up into export."""
+    graph = package_imports()
+    assert "aira_moe.export.lora" in graph and "aira_moe.tuner.model" in graph
+    for module, targets in graph.items():
+        if module.startswith("aira_moe.tuner"):
+            assert not any(t.startswith("aira_moe.export") for t in targets), (module, targets)

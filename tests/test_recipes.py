@@ -115,17 +115,35 @@ def test_dry_run_resolves_env_overrides_from_any_cwd(tmp_path):
     assert "deepspeed=" not in line
 
 
-def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
-    pytest.importorskip("llamafactory")
-    text = open(os.path.join(SCRIPTS, "math.sh"), encoding="utf-8").read()
+def with_eval_block_uncommented(recipe, directory):
+    """A copy of the recipe script (and common.sh) in ``directory`` with its eval block enabled, as a user edits it."""
+    text = open(os.path.join(SCRIPTS, f"{recipe}.sh"), encoding="utf-8").read()
     head, rest = text.split("# >>> eval\n", 1)
     block, tail = rest.split("# <<< eval", 1)
     uncommented = "".join(line[2:] + "\n" for line in block.splitlines())
-    for name in ("common.sh",):
-        shutil.copy(os.path.join(SCRIPTS, name), tmp_path / name)
-    script = tmp_path / "math.sh"
+    shutil.copy(os.path.join(SCRIPTS, "common.sh"), directory / "common.sh")
+    script = directory / f"{recipe}.sh"
     script.write_text(head + "# >>> eval\n" + uncommented + "# <<< eval" + tail)
     script.chmod(0o755)
+    return script
+
+
+def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
+    script = with_eval_block_uncommented("generality_basic", tmp_path)
+    env = {**os.environ, "AIRA_MOE_REPO": REPO, "OUTPUT_DIR": str(tmp_path / "run"), "DEEPSPEED": "none"}
+    env.pop("TASK_DIR", None)
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    missing = os.path.join(REPO, "evaluation", "gsm8k", "test.csv")
+    assert result.stderr.strip().splitlines() == [
+        f"aira_moe: the eval block scores gsm8k from TASK_DIR={REPO}/evaluation: task 'gsm8k': {missing} not found; "
+        "check `task_dir` (layout in docs/evaluation.md)"]
+    assert "aira-moe check" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
+
+def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
+    pytest.importorskip("llamafactory")
+    script = with_eval_block_uncommented("math", tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO}
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -153,6 +171,9 @@ def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
     ("dataset=gsm8k,nope", r"`dataset` 'nope' is not registered in .*dataset_info.json \(known: .*gsm8k"),
     ("adapter_name_or_path=saves/aira_moe/absent", r"no adapter at saves/aira_moe/absent"),
     ("cola_strategy=nested", r"`cola_strategy` must be one of \['full', 'heuristic', 'random'\], got 'nested'"),
+    ("num_a=2", r"`num_a` is not a key of llamafactory-cli or aira_moe; did you mean `num_A`\?$"),
+    ("use_layer_wise_rank=false", r"`rank_budget`=256, `min_rank`=4, `max_rank`=64 have no effect without "
+                                  r"`use_layer_wise_rank: true`; set that or remove them\.$"),
 ])
 def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
     pytest.importorskip("llamafactory")
@@ -163,6 +184,56 @@ def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("aira-moe check:")]
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"use_awsvd_init": False, "awsvd_mode": "residual"}, "`awsvd_mode`='residual' has no effect without "
+                                                          "`use_awsvd_init: true`"),
+    ({"awsvd_split": "symmetric"}, "`awsvd_split`='symmetric' has no effect without `awsvd_mode: residual`"),
+    ({"use_activation_aware": False}, "`activation_aware_mode`='outps' has no effect without `use_activation_aware: true`"),
+    ({"theta_type": "act", "lod_threshold_M": 2.5}, "`lod_threshold_M`=2.5 has no effect without `theta_type: lod`"),
+])
+def test_a_key_whose_switch_is_off_is_an_error_naming_both(override, message, tmp_path):
+    pytest.importorskip("llamafactory")
+    from llamafactory.hparams import get_train_args
+
+    args = {**load_config("finance"), "output_dir": str(tmp_path / "out"), "bf16": False, "use_cpu": True, **override}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_train_args(args)
+    if "lod_threshold_M" in override:  # the key at its default sets nothing that does nothing: accepted
+        assert get_train_args({**args, "lod_threshold_M": 4.0})[3].theta_type == "act"
+
+
+def test_check_finds_a_lora_target_that_names_no_module_without_loading_weights(tmp_path):
+    pytest.importorskip("llamafactory")
+    from aira_moe.integrations.llamafactory import check_train_config
+    from aira_moe.tiny import tiny_llama_config
+
+    tiny_llama_config(400).save_pretrained(tmp_path / "model")  # config.json only: no weights to load
+    args = {**load_config("math"), "model_name_or_path": str(tmp_path / "model"), "rank_budget": "auto",
+            "output_dir": str(tmp_path / "out"), "bf16": False, "dataset_dir": os.path.join(REPO, "data")}
+    with pytest.raises(ValueError, match=r"^`lora_target` v_prj names no Linear module of .*model \(its Linear "
+                                         r"modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+                                         r"v_proj; or `lora_target: all`\)$"):
+        check_train_config({**args, "lora_target": "q_proj,v_prj"})
+    assert check_train_config({**args, "lora_target": "q_proj,v_proj"}).startswith("finetuning_type aira_moe")
+    assert check_train_config({**args, "lora_target": "all"}).startswith("finetuning_type aira_moe")
+
+
+def test_check_on_a_finished_run_says_ok_and_that_nothing_would_train(tmp_path):
+    pytest.importorskip("llamafactory")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    # what a completed run leaves (the files _completed_run reads): global_step == max_steps
+    (finished / "trainer_state.json").write_text(json.dumps({"global_step": 30, "max_steps": 30}))
+    (finished / "all_results.json").write_text("{}")
+    (finished / "adapter_config.json").write_text("{}")
+    result = subprocess.run(["aira-moe", "check", os.path.join(REPO, "configs", "math.yaml"), "bf16=false",
+                             f"output_dir={finished}", f"dataset_dir={os.path.join(REPO, 'data')}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"the run in {finished} is complete (30 of 30 steps); nothing is trained" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f"[aira-moe check] {os.path.join(REPO, 'configs', 'math.yaml')}: ok (")
 
 
 def test_readme_test_command_is_what_ci_runs():

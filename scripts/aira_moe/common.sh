@@ -8,11 +8,13 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT             multi-node torchrun settings (read by llamafactory-cli)
 #   OUTPUT_DIR       where the adapter, checkpoints, allocation report and eval results go
 #   DATASET_DIR      directory with dataset_info.json and the data files (default: <repo>/data)
-#   TASK_DIR         evaluation files for the eval block (layout: docs/evaluation.md; default: <repo>/evaluation)
+#   TASK_DIR         evaluation files for the eval block (layout: docs/evaluation.md; default: <repo>/evaluation);
+#                    checked before training when the eval block is uncommented
 #   TEMPLATE         chat template (default: the YAML's)
 #   DEEPSPEED        DeepSpeed config, or "none"            (default: configs/deepspeed/ds_z2_config.json)
 #   EXTRA            extra key=value overrides, space-separated; arguments given to the script are overrides too
-#   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data)
+#   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data,
+#                    built in TINY_DIR, default ${TMPDIR:-/tmp}/aira_moe_tiny)
 #   DRY_RUN=1        print the resolved command and stop
 #   AIRA_MOE_REPO    repository root holding configs/ and data/ (default: two levels above this file)
 set -euo pipefail
@@ -44,10 +46,16 @@ if [[ "${TINY:-0}" == "1" ]]; then
   DEEPSPEED="${DEEPSPEED:-none}"
   OUTPUT_DIR="${OUTPUT_DIR:-$TINY_DIR/runs/$RECIPE-$(date +%Y%m%d-%H%M%S)}"
   # same method keys as the recipe, sized for a 4-layer, 64-wide model on CPU
-  OVERRIDES+=(dataset="$TINY_DATASET" lora_rank=4 lora_alpha=8 rank_budget=auto min_rank=2 max_rank=8
-              awsvd_collect_steps=4 cutoff_len=128 max_samples=256 per_device_train_batch_size=8
-              gradient_accumulation_steps=1 max_steps=20 save_steps=10 logging_steps=5 bf16=false use_cpu=true
-              preprocessing_num_workers=1 dataloader_num_workers=0 learning_rate=1.0e-3)
+  OVERRIDES+=(dataset="$TINY_DATASET" lora_rank=4 lora_alpha=8 cutoff_len=128 max_samples=256
+              per_device_train_batch_size=8 gradient_accumulation_steps=1 max_steps=20 save_steps=10 logging_steps=5
+              bf16=false use_cpu=true preprocessing_num_workers=1 dataloader_num_workers=0 learning_rate=1.0e-3)
+  # only the keys the recipe's switches use (a key whose switch is off is an error)
+  if [[ "$(yaml_value use_layer_wise_rank)" == "true" ]]; then
+    OVERRIDES+=(rank_budget=auto min_rank=2 max_rank=8)
+  fi
+  if grep -qE '^use_(layer_wise_rank|awsvd_init|activation_aware): *true' "$CONFIG"; then
+    OVERRIDES+=(awsvd_collect_steps=4)
+  fi
 fi
 
 MODEL="${MODEL:-$(yaml_value model_name_or_path)}"
@@ -66,6 +74,27 @@ fi
 read -r -a EXTRA_OVERRIDES <<< "${EXTRA:-}"
 OVERRIDES+=("${EXTRA_OVERRIDES[@]}" "$@")
 
+check_eval_tasks() {  # the tasks of the uncommented eval block must be readable from TASK_DIR before training starts
+  local -a tasks
+  mapfile -t tasks < <(sed -n '/^# >>> eval$/,/^# <<< eval$/s/^aira_eval \([^ ]*\).*/\1/p' "$0")
+  if [[ ${#tasks[@]} -eq 0 ]]; then
+    return 0
+  fi
+  python - "$TASK_DIR" "${tasks[@]}" <<'PY'
+import sys
+
+from aira_moe.evaluation.tasks import load_task
+
+task_dir = sys.argv[1]
+for task in sys.argv[2:]:
+    try:
+        load_task(task, task_dir)
+    except (FileNotFoundError, ValueError) as error:  # reported, and the recipe stops before training
+        print(f"aira_moe: the eval block scores {task} from TASK_DIR={task_dir}: {error}", file=sys.stderr)
+        sys.exit(2)
+PY
+}
+
 aira_train() {
   local -a cmd=(llamafactory-cli train "$CONFIG" "${OVERRIDES[@]}")
   local launch="FORCE_TORCHRUN=1 NPROC_PER_NODE=$NPROC_PER_NODE"
@@ -80,6 +109,7 @@ aira_train() {
     return 0
   fi
   # validate the whole config here, before torchrun: a bad value is one line and exit 2, not a trace per worker
+  check_eval_tasks || exit $?
   LLAMAFACTORY_VERBOSITY=WARN aira-moe check "$CONFIG" "${OVERRIDES[@]}" || exit $?
   if [[ "${TINY:-0}" == "1" ]]; then
     env FORCE_TORCHRUN=1 CUDA_VISIBLE_DEVICES= "${cmd[@]}"

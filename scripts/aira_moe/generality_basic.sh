@@ -2,7 +2,7 @@
 # aira_moe recipe "generality_basic": CoLA collaboration only (num_A=2, num_B=3).
 # Settings: configs/generality_basic.yaml. Runs on 2 GPUs by default with torchrun + DeepSpeed ZeRO-2.
 # Usage: ./scripts/aira_moe/generality_basic.sh [key=value ...]     (any cwd)
-#        TINY=1 ./scripts/aira_moe/generality_basic.sh              (tiny default on CPU, ~1 minute)
+#        TINY=1 ./scripts/aira_moe/generality_basic.sh              (tiny default on CPU, ~1.5 minutes)
 #        MODEL=/path/to/model NPROC_PER_NODE=8 OUTPUT_DIR=... DEEPSPEED=none EXTRA="learning_rate=1e-4" ./scripts/aira_moe/generality_basic.sh
 # Every variable is described in scripts/aira_moe/common.sh and scripts/aira_moe/README.md.
 set -euo pipefail

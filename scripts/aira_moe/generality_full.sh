@@ -2,7 +2,7 @@
 # aira_moe recipe "generality_full": CoLA + layer-wise ranks + AwSVD init + activation-aware weighting.
 # Settings: configs/generality_full.yaml. Runs on 2 GPUs by default with torchrun + DeepSpeed ZeRO-2.
 # Usage: ./scripts/aira_moe/generality_full.sh [key=value ...]     (any cwd)
-#        TINY=1 ./scripts/aira_moe/generality_full.sh              (tiny default on CPU, ~1 minute)
+#        TINY=1 ./scripts/aira_moe/generality_full.sh              (tiny default on CPU, ~1.5 minutes)
 #        MODEL=/path/to/model NPROC_PER_NODE=8 OUTPUT_DIR=... DEEPSPEED=none EXTRA="learning_rate=1e-4" ./scripts/aira_moe/generality_full.sh
 # Every variable is described in scripts/aira_moe/common.sh and scripts/aira_moe/README.md.
 set -euo pipefail

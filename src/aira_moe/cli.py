@@ -89,25 +89,33 @@ def parse_eval_args(argv: list[str]):
     return EvalArguments(**values)
 
 
-def run_demo(output_dir: str, overwrite: bool) -> dict:
-    """Tiny default end to end: build assets, train with every technique via the stock llamafactory-cli, then score the
-    base model and the adapter on the held-out synthetic questions. LLaMA-Factory's own output goes to train.log."""
-    import yaml
+def prepare_demo(output_dir: str, overwrite: bool) -> tuple[str, dict]:
+    """The demo's user errors, before any work: an existing train/ without --overwrite (FileExistsError), assets
+    built with other settings (ValueError). Returns the train directory and the tiny assets' absolute paths (so the
+    adapter records where its base model is, and peft's from_pretrained works from any directory)."""
     from transformers.utils import logging as transformers_logging
 
-    from .evaluation import EvalArguments, evaluate
     from .tiny import build_tiny_assets
 
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars for a 2-layer model are noise here
-    train_dir = os.path.join(output_dir, "train")
+    transformers_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for a 2-layer model
+    train_dir = os.path.join(os.path.abspath(output_dir), "train")
+    if os.path.exists(train_dir) and not overwrite:
+        raise FileExistsError(f"{train_dir} exists; pass --overwrite or another --output_dir")
+    assets = build_tiny_assets(os.path.join(os.path.abspath(output_dir), "assets"))
     if os.path.exists(train_dir):
-        if not overwrite:
-            raise SystemExit(f"aira-moe demo: {train_dir} exists; pass --overwrite or another --output_dir")
         shutil.rmtree(train_dir)
-    try:
-        assets = build_tiny_assets(os.path.join(output_dir, "assets"))
-    except ValueError as error:
-        raise SystemExit(f"aira-moe demo: {error}") from None
+    return train_dir, assets
+
+
+def run_demo(train_dir: str, assets: dict) -> dict:
+    """Tiny default end to end (after ``prepare_demo``): train with every technique via the stock llamafactory-cli,
+    then score the base model and the adapter on the held-out synthetic questions. LLaMA-Factory's own output goes
+    to train.log."""
+    import yaml
+
+    from .evaluation import EvalArguments, evaluate
+
+    output_dir = os.path.dirname(train_dir)
     config = {**DEMO_TRAIN, "model_name_or_path": assets["model"], "dataset": assets["dataset"],
               "dataset_dir": assets["dataset_dir"], "output_dir": train_dir}
     config_path = os.path.join(output_dir, "demo_train.yaml")
@@ -130,14 +138,14 @@ def run_demo(output_dir: str, overwrite: bool) -> dict:
     ranks = [row["rank"] for row in allocation["layers"]]
     print(f"[aira-moe demo] layer ranks {ranks}; mean train loss {train_loss:.3f}", flush=True)
     scores = {}
-    for label, adapter in (("base", None), ("aira_moe", train_dir)):
+    for label, adapter in (("base", None), ("aira_moe", train_dir)):  # aira-moe eval's defaults (n_shot 0)
         args = EvalArguments(model_name_or_path=assets["model"], adapter_name_or_path=adapter, finetuning_type="aira_moe",
-                             template="default", task="fineval", task_dir=assets["task_dir"], n_shot=0, batch_size=32,
+                             template="default", task="fineval", task_dir=assets["task_dir"], batch_size=32,
                              save_dir=os.path.join(output_dir, f"eval_{label}"), overwrite_save_dir=True, device="cpu")
         scores[label] = evaluate(args, quiet=True)["accuracy"]
     print(f"[aira-moe demo] accuracy on the held-out colour questions: base {scores['base']:.3f} -> "
           f"aira_moe {scores['aira_moe']:.3f}")
-    print(f"[aira-moe demo] adapter, allocation report and loss plot in {train_dir}")
+    print(f"[aira-moe demo] adapter, allocation report and loss plot in {train_dir}; base model in {assets['model']}")
     return scores
 
 
@@ -218,12 +226,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "eval":
         from .evaluation import evaluate
+        from .evaluation.prompts import select_shots
         from .evaluation.tasks import load_task
 
         args = parse_eval_args(rest)
         try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
             args.validate()
             subjects = load_task(args.task, args.task_dir)
+            for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
+                select_shots(subject, args.n_shot, args.seed)
         except (FileNotFoundError, ValueError) as error:
             print(f"aira-moe eval: {error}", file=sys.stderr)
             return 2
@@ -261,7 +272,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--output_dir", default="outputs/demo")
         parser.add_argument("--overwrite", action="store_true")
         args = parser.parse_args(rest)
-        run_demo(args.output_dir, args.overwrite)
+        try:
+            train_dir, assets = prepare_demo(args.output_dir, args.overwrite)
+        except (FileExistsError, ValueError) as error:  # user errors: one line, exit 2, nothing touched
+            print(f"aira-moe demo: {error}", file=sys.stderr)
+            return 2
+        run_demo(train_dir, assets)
         return 0
     raise SystemExit(f"aira-moe: unknown command {command!r} (check, eval, export-lora, tiny, demo)")
 

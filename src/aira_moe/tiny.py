@@ -146,8 +146,10 @@ def write_task_files(root: str, items: list[dict], dev_items: list[dict]) -> Non
 
 def build_tiny_assets(output_dir: str, num_train: int = 256, num_test: int = 64, num_layers: int = 2, seed: int = 0) -> dict:
     """Write model/, data/ (dataset_info.json + tiny_colours.json, Alpaca format) and eval/ under ``output_dir``.
-    Returns their paths. An existing set built with the same settings is reused; one built with other settings is
-    refused (never silently reused or overwritten)."""
+    Returns their absolute paths (a config or adapter that records them works from any directory). An existing set
+    built with the same settings is reused; one built with other settings is refused (never silently reused or
+    overwritten)."""
+    output_dir = os.path.abspath(output_dir)
     paths = {
         "model": os.path.join(output_dir, "model"),
         "dataset_dir": os.path.join(output_dir, "data"),

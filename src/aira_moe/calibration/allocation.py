@@ -14,17 +14,17 @@ OBJECTIVES = {
 }
 
 
-def resolve_budget(rank_budget, num_units: int, r: int) -> int:
-    """``rank_budget`` as an int; 'auto' means num_units * r (the parameter count of uniform rank r)."""
-    return num_units * r if rank_budget == "auto" else int(rank_budget)
-
-
-def check_budget(budget: int, num_units: int, min_rank: int, max_rank: int) -> None:
-    """Raise ValueError, naming the keys and numbers, when no allocation can satisfy the constraints."""
+def check_rank_bounds(min_rank: int, max_rank: int) -> None:
+    """The one check of ``min_rank`` / ``max_rank`` (the config runs it at construction, the solver before solving)."""
     if min_rank < 1:
         raise ValueError(f"`min_rank` must be >= 1, got {min_rank}.")
     if min_rank > max_rank:
         raise ValueError(f"`min_rank` ({min_rank}) must be <= `max_rank` ({max_rank}).")
+
+
+def check_budget(budget: int, num_units: int, min_rank: int, max_rank: int) -> None:
+    """Raise ValueError, naming the keys and numbers, when no allocation can satisfy the constraints."""
+    check_rank_bounds(min_rank, max_rank)
     if num_units < 1:
         raise ValueError("rank allocation needs at least one adapted layer; `target_modules` matched none")
     low, high = num_units * min_rank, num_units * max_rank
@@ -33,6 +33,14 @@ def check_budget(budget: int, num_units: int, min_rank: int, max_rank: int) -> N
             f"`rank_budget`={budget} cannot be met by {num_units} layers with `min_rank`={min_rank} and "
             f"`max_rank`={max_rank}: it must lie in [{low}, {high}] (num_layers * min_rank, num_layers * max_rank)."
         )
+
+
+def resolve_budget(rank_budget, num_units: int, r: int, min_rank: int, max_rank: int) -> int:
+    """``rank_budget`` as an int ('auto' means num_units * r, the parameter count of uniform rank r), checked against
+    the rank bounds: a budget no allocation can meet is an error here, before any forward pass."""
+    budget = num_units * r if rank_budget == "auto" else int(rank_budget)
+    check_budget(budget, num_units, min_rank, max_rank)
+    return budget
 
 
 def allocate_ranks(theta: list[float], budget: int, min_rank: int, max_rank: int, objective: str) -> list[int]:

@@ -83,14 +83,20 @@ def write_report(report: dict, output_dir: str) -> dict[str, str]:
     rows = report["layers"]
     fig, ax_rank = plt.subplots(figsize=(max(6, 0.3 * len(rows) + 2), 4))
     positions = range(len(rows))
-    ax_rank.bar(positions, [row["rank"] for row in rows], color="tab:blue", label="rank")
+    bars = ax_rank.bar(positions, [row["rank"] for row in rows], color="tab:blue", label="allocated rank")
+    ax_rank.bar_label(bars, fontsize=7)  # the rank on each bar
+    ax_rank.set_ylim(0, 1.3 * max([row["rank"] for row in rows], default=1))  # headroom for the labels and legend
     ax_rank.set_xlabel("layer")
     ax_rank.set_ylabel("rank")
     ax_rank.set_xticks(list(positions), [row["unit"].rsplit(".", 1)[-1] for row in rows], fontsize=7)
+    handles = [bars]
     if rows and rows[0]["theta"] is not None:
         ax_theta = ax_rank.twinx()
-        ax_theta.plot(list(positions), [row["theta"] for row in rows], color="tab:red", marker="o", label="theta")
+        (line,) = ax_theta.plot(list(positions), [row["theta"] for row in rows], color="tab:red", marker="o",
+                                label=f"importance theta ({report['config'].get('theta_type')})")
         ax_theta.set_ylabel(f"importance ({report['config'].get('theta_type')})")
+        handles.append(line)
+    ax_rank.legend(handles=handles, loc="upper left", fontsize=8)
     ax_rank.set_title(f"aira_moe rank allocation (sum {report['rank_sum']}, {report['config'].get('objective_function')})")
     fig.tight_layout()
     fig.savefig(png_path + ".tmp", dpi=100, format="png")

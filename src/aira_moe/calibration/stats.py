@@ -83,9 +83,11 @@ def output_mean_abs(stats: ChannelStats) -> torch.Tensor:
 
 
 LOD_REFERENCES = ("mean", "median")
+DEFAULT_LOD_REFERENCE = "median"  # the one copy: AiraMoeConfig.lod_reference defaults to it too
 
 
-def lod_score(weight: torch.Tensor, channel_norms: torch.Tensor, threshold_M: float, reference: str = "mean") -> float:
+def lod_score(weight: torch.Tensor, channel_norms: torch.Tensor, threshold_M: float,
+              reference: str = DEFAULT_LOD_REFERENCE) -> float:
     """Layer-wise outlier distribution: with A_ij = |W_ij| * a_j (W: out x in, a_j = ||X_j||_2),
     LOD = fraction of entries with A_ij > M * ref(A), ref = mean (the seed's formula) or median. A few huge entries
     inflate the mean (and with it the threshold) but not the median."""

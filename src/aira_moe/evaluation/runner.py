@@ -31,10 +31,11 @@ class EvalArguments:
     adapter_name_or_path: Optional[str] = field(default=None, metadata={"help": "Adapter path(s), comma-separated."})
     finetuning_type: str = field(default="lora", metadata={"help": f"One of {FINETUNING_TYPES}."})
     task_dir: str = field(default="evaluation", metadata={"help": "Directory with the task files."})
-    n_shot: Optional[int] = field(
-        default=None,
-        metadata={"help": "Number of dev examples shown before each question; default: the most every subject's dev "
-                          "split supports, at most 5 (0 for tasks without a dev split)."},
+    n_shot: int = field(
+        default=0,
+        metadata={"help": "Number of dev examples shown before each question. Default 0: the bare question, as "
+                          "SFT data presents it and as `aira-moe demo` scores it, so the number matches the training "
+                          "run's; pass 5 for the MMLU-style k-shot protocol (needs a dev split of that size)."},
     )
     lang: str = field(default="en", metadata={"help": "Prompt language: en or zh."})
     batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})
@@ -60,7 +61,7 @@ class EvalArguments:
         if self.adapter_name_or_path and self.finetuning_type not in ADAPTER_TYPES:
             raise ValueError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
         require_adapter_dirs(self.adapter_name_or_path)
-        if self.n_shot is not None and self.n_shot < 0:
+        if self.n_shot < 0:
             raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
@@ -78,9 +79,6 @@ class EvalArguments:
                              "another --save_dir")
 
 
-MAX_DEFAULT_SHOTS = 5
-
-
 def _adapter_paths(paths: Optional[str]) -> list[str]:
     return [p.strip() for p in (paths or "").split(",") if p.strip()]
 
@@ -92,11 +90,6 @@ def _quantization_config(bits: int, compute_dtype):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
-
-
-def default_n_shot(subjects) -> int:
-    """The most k-shot examples every subject's dev split holds, capped at ``MAX_DEFAULT_SHOTS``."""
-    return min(MAX_DEFAULT_SHOTS, min(len(subject.dev) for subject in subjects))
 
 
 def load_model_and_tokenizer(args: EvalArguments):
@@ -177,10 +170,6 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     args.validate()
     if subjects is None:
         subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
-    if args.n_shot is None:
-        args.n_shot = default_n_shot(subjects)
-        print(f"[aira-moe eval] n_shot={args.n_shot} (the most {args.task}'s dev split supports, at most "
-              f"{MAX_DEFAULT_SHOTS})")
     if args.save_dir is None:
         args.save_dir = os.path.join("outputs", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}

@@ -153,6 +153,20 @@ def read_aira_moe_adapter(adapter_dir: str):
     return config, modules, other
 
 
+def _refuse_ranks_above(max_rank: Optional[int], truncate: bool, rank_needed: dict[str, int]) -> None:
+    """Without truncation, every module must fit ``max_rank``; the error names the one number that makes all fit."""
+    if max_rank is None or truncate:
+        return
+    over = sorted((rank, name) for name, rank in rank_needed.items() if rank > max_rank)
+    if over:
+        needed, worst = over[-1]
+        raise ValueError(
+            f"{len(over)} of {len(rank_needed)} modules need a rank above `--max_rank` {max_rank} to be exported "
+            f"exactly (the largest, {worst}, needs {needed}); pass `--max_rank {needed}` or more, or `--truncate` to "
+            f"keep the top {max_rank} singular directions of each (the errors are reported)"
+        )
+
+
 def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[str, torch.Tensor], out_dir: str, *,
                        max_rank: Optional[int] = None, truncate: bool = False, dtype: Optional[str] = None,
                        overwrite: bool = False) -> dict:
@@ -170,7 +184,8 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
     reduced = {}
     for name, module in modules.items():
         factor_A, factor_B = module_update_factors(module)
-        reduced[name] = reduce_rank(factor_A, factor_B, max_rank, truncate, name=name)
+        reduced[name] = reduce_rank(factor_A, factor_B, max_rank if truncate else None, truncate, name=name)
+    _refuse_ranks_above(max_rank, truncate, {name: r.rank_needed for name, r in reduced.items()})
     rank = max(1, max(r.A.shape[0] for r in reduced.values()))
     out_dtype = DTYPES[dtype] if dtype else next(iter(modules.values())).experts_A.dtype
     tensors = dict(other)
@@ -250,3 +265,19 @@ def export_lora(adapter_dir: str, out_dir: str, *, max_rank: Optional[int] = Non
     config, modules, other = read_aira_moe_adapter(adapter_dir)
     return write_lora_adapter(config, modules, other, out_dir, max_rank=max_rank, truncate=truncate, dtype=dtype,
                               overwrite=overwrite)
+
+
+def to_lora_adapter(model, out_dir: str, adapter_name: Optional[str] = None, *, max_rank: Optional[int] = None,
+                    truncate: bool = False, dtype: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Write the aira_moe adapter of a live ``PeftModel`` (or ``AiraMoeModel``), exactly, as a standard LoRA adapter
+    (no save needed); returns the export report. Lives here, not on the tuner: export reads the tuner, never the
+    other way round."""
+    from ..tuner.model import AiraMoeModel
+
+    tuner = model if isinstance(model, AiraMoeModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, AiraMoeModel):
+        raise ValueError(f"to_lora_adapter needs a PeftModel holding an aira_moe adapter, got {type(model).__name__}")
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    modules, other = modules_from_model(tuner, adapter_name)
+    return write_lora_adapter(tuner.peft_config[adapter_name], modules, other, out_dir, max_rank=max_rank,
+                              truncate=truncate, dtype=dtype, overwrite=overwrite)

@@ -46,15 +46,46 @@ def _make_arguments_class():
 
 AiraMoeArguments = _make_arguments_class()
 
+# keys that only act when a switch is on, in the order they are checked: (the switch as a YAML line, whether it is on,
+# the keys it activates). A key set away from its default with its switch off would train as if it were absent.
+SWITCHES = (
+    ("`use_layer_wise_rank: true`", lambda config: config.use_layer_wise_rank,
+     ("theta_type", "lod_threshold_M", "lod_reference", "rank_budget", "min_rank", "max_rank", "layer_scaling",
+      "objective_function")),
+    ("`theta_type: lod`", lambda config: config.theta_type == "lod", ("lod_threshold_M", "lod_reference")),
+    ("`use_awsvd_init: true`", lambda config: config.use_awsvd_init,
+     ("awsvd_mode", "awsvd_solver", "awsvd_niter", "awsvd_oversample", "awsvd_split")),
+    ("`awsvd_mode: residual`", lambda config: config.awsvd_mode == "residual", ("awsvd_split",)),
+    ("`use_activation_aware: true`", lambda config: config.use_activation_aware,
+     ("activation_aware_mode", "activation_normalize")),
+    ("one of `use_layer_wise_rank` / `use_awsvd_init` / `use_activation_aware`",
+     lambda config: config.needs_calibration,
+     ("awsvd_collect_steps",)),
+)
+
+
+def refuse_inert_keys(config: AiraMoeConfig) -> None:
+    """A key whose switch is off is an error naming the key and the switch (as aira_moe keys under another
+    finetuning_type are): silently ignoring it would train something other than what the YAML says."""
+    defaults = {item.name: item.default for item in dataclasses.fields(AiraMoeConfig)}
+    for switch, is_on, keys in SWITCHES:
+        if is_on(config):
+            continue
+        inert = [key for key in keys if getattr(config, key) != defaults[key]]
+        if inert:
+            named = ", ".join(f"`{key}`={getattr(config, key)!r}" for key in inert)
+            raise ValueError(f"{named} {'has' if len(inert) == 1 else 'have'} no effect without {switch}; set that "
+                             f"or remove {'it' if len(inert) == 1 else 'them'}.")
+
 
 def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool = True) -> AiraMoeConfig:
     """AiraMoeConfig from parsed arguments (LLaMA-Factory's FinetuningArguments extended with AiraMoeArguments); the
-    config parses ``rank_budget`` and validates every key, naming it."""
+    config parses ``rank_budget`` and validates every key, naming it, and a key whose switch is off is refused."""
     if isinstance(args.lora_rank, bool) or not isinstance(args.lora_rank, int) or args.lora_rank < 1:
         raise ValueError(f"`lora_rank` must be an integer >= 1, got {args.lora_rank!r}.")
     targets = list(args.lora_target)
     target_modules: Optional[Union[list[str], str]] = "all-linear" if targets == ["all"] else targets
-    return AiraMoeConfig(
+    config = AiraMoeConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -66,3 +97,5 @@ def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool
         task_type="CAUSAL_LM",
         **{name: getattr(args, name) for name in METHOD_KEYS},
     )
+    refuse_inert_keys(config)
+    return config

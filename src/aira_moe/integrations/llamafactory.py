@@ -4,6 +4,7 @@
 workers get it too). It patches, in place and by name:
 
 * the argument parser's dataclass tuples: ``FinetuningArguments`` -> a subclass accepting ``aira_moe`` and its keys;
+* ``parser._parse_args``: 'did you mean' for a mis-spelt key (``num_a`` -> ``num_A``);
 * ``parser._verify_model_args``: lets aira_moe load adapters like LoRA, refuses quantised bases;
 * ``parser._check_extra_dependencies``: DDP/label settings LLaMA-Factory applies to LoRA only, and the rank-budget
   check against the model's layer count, before the model is loaded;
@@ -48,7 +49,7 @@ class _State:
     training_args = None
     train_dataset = None
     tokenizer = None
-    checking = False  # `aira-moe check`: parse and validate only; take no lock, touch no file
+    checking = False  # `aira-moe check`: parse and validate only; take no lock, and report a finished run, not stop
 
 
 _state = _State()
@@ -134,15 +135,41 @@ def _count_decoder_layers(model_name_or_path: str) -> Optional[int]:
 
 
 def _check_budget_early(model_args, finetuning_args) -> None:
-    from ..calibration.allocation import check_budget, resolve_budget
+    from ..calibration.allocation import resolve_budget
 
     if not finetuning_args.use_layer_wise_rank or model_args.adapter_name_or_path:
         return
     num_layers = _count_decoder_layers(model_args.model_name_or_path)
     if num_layers is None:
         return  # a hub id: checked again, against the loaded model, before calibration
-    budget = resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank)
-    check_budget(budget, num_layers, finetuning_args.min_rank, finetuning_args.max_rank)
+    resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank, finetuning_args.min_rank,
+                   finetuning_args.max_rank)
+
+
+def _check_lora_target(model_args, finetuning_args) -> None:
+    """Every ``lora_target`` name must match a Linear module of the model (peft's rule: the full name or its dotted
+    suffix). Read from a local config.json on the meta device, so no weight is loaded; a hub id, or a config that is
+    not a causal LM (a vision-language model is loaded by another class), is checked when the model loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    targets = list(finetuning_args.lora_target)
+    path = model_args.model_name_or_path
+    if targets == ["all"] or not os.path.isfile(os.path.join(path, "config.json")):
+        return
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [target for target in targets
+               if not any(name == target or name.endswith("." + target) for name in linear)]
+    if missing:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ValueError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
+                         f"{', '.join(available)}; or `lora_target: all`)")
 
 
 def _check_datasets(args: dict) -> int:
@@ -170,7 +197,8 @@ def check_train_config(args: dict) -> str:
     """Validate a ``llamafactory-cli train`` config in this process, as its parser will, without loading the model or
     the data: argument parsing (every aira_moe check included: the rank budget against the model's config.json when
     it is local), the dataset names against dataset_info.json, adapter paths and the DeepSpeed file. Returns a
-    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun."""
+    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun.
+    Beyond the parse: every ``lora_target`` name against the model's modules (built on the meta device)."""
     from llamafactory.hparams import get_train_args
 
     datasets = _check_datasets(args)
@@ -182,9 +210,11 @@ def check_train_config(args: dict) -> str:
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
     _state.checking = True
     try:
-        _, _, training_args, finetuning_args, _ = get_train_args(parsed)
+        model_args, _, training_args, finetuning_args, _ = get_train_args(parsed)
     finally:
         _state.checking = False
+    if _is_aira_moe(finetuning_args):
+        _check_lora_target(model_args, finetuning_args)
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
 
@@ -198,8 +228,7 @@ def _token_dependent_adapters(paths) -> list[str]:
         config_path = os.path.join(os.path.expanduser(path), "adapter_config.json")
         if not os.path.isfile(config_path):
             continue
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
+        config = read_json_file(config_path)
         if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
             found.append(path)
     return found
@@ -215,6 +244,35 @@ def _refuse_merging_routed_export(model_args) -> None:
         refusal = get_strategy("routed").fixed_update_refusal("merged by `llamafactory-cli export`")
         sys.stderr.write(f"aira_moe: {routed[0]}: {refusal}\n")
         raise SystemExit(2)
+
+
+def _suggest_known_key(args: dict, parser) -> None:
+    """An unknown key that is a known one in other case, or nearly (``num_a`` for ``num_A``), gets 'did you mean'
+    instead of LLaMA-Factory's list of unused keys."""
+    import difflib
+
+    known = {item.name for kind in parser.dataclass_types for item in dataclasses.fields(kind)}
+    by_case = {name.lower(): name for name in known}
+    for key in args:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
+        match = by_case.get(key.lower()) or (close[0] if close else None)
+        if match:
+            raise ValueError(f"`{key}` is not a key of llamafactory-cli or aira_moe; did you mean `{match}`?")
+
+
+def _patched_parse_args(original):
+    @functools.wraps(original)
+    def parse(parser, args=None, allow_extra_keys=False):
+        import llamafactory.hparams.parser as lf_parser
+
+        args = lf_parser.read_args(args)  # the YAML file (+ overrides) as a dict; a flag list is left to the parser
+        if isinstance(args, dict) and not allow_extra_keys:
+            _suggest_known_key(args, parser)
+        return original(parser, args, allow_extra_keys)
+
+    return parse
 
 
 def _patched_verify_model_args(original):
@@ -311,7 +369,8 @@ def _stop_if_run_is_complete(training_args) -> None:
         "To train again, set `overwrite_output_dir: true` or choose another `output_dir`.",
         training_args.output_dir, state["global_step"], state["max_steps"],
     )
-    raise SystemExit(0)
+    if not _state.checking:
+        raise SystemExit(0)
 
 
 def _patched_get_dataset(original):
@@ -596,6 +655,7 @@ def install() -> None:
         lf_hparams.FinetuningArguments = extended
         lf_parser.FinetuningArguments = extended
 
+    _replace(lf_parser, "_parse_args", _patched_parse_args)
     _replace(lf_parser, "_verify_model_args", _patched_verify_model_args)
     _replace(lf_parser, "_check_extra_dependencies", _patched_check_extra_dependencies)
     _replace(lf_adapter, "init_adapter", _patched_init_adapter)

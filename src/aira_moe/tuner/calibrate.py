@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from .._zero import gathered
-from ..calibration.allocation import allocate_ranks, check_budget, resolve_budget
+from ..calibration.allocation import allocate_ranks, resolve_budget
 from ..calibration.awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
 from ..calibration.report import build_report, format_table, write_report
 from ..calibration.stats import (
@@ -47,8 +47,10 @@ def allocation_units(module_names: Iterable[str], layers_pattern=None) -> dict[s
     return {unit: units[unit] for unit in sorted(units, key=order.__getitem__)}
 
 
-def _units(tuner, adapter_name: str) -> dict[str, list[str]]:
-    return allocation_units(tuner.aira_moe_layers(adapter_name), tuner.peft_config[adapter_name].layers_pattern)
+def _layers_and_units(tuner, adapter_name: str) -> tuple[dict, dict[str, list[str]]]:
+    """The adapted modules by name (one walk of the model) and their allocation units."""
+    layers = tuner.aira_moe_layers(adapter_name)
+    return layers, allocation_units(layers, tuner.peft_config[adapter_name].layers_pattern)
 
 
 def _weight_out_in(layer) -> torch.Tensor:
@@ -58,11 +60,11 @@ def _weight_out_in(layer) -> torch.Tensor:
 
 
 def collect_for_model(
-    tuner, loader, adapter_name: str, max_batches: Optional[int], max_samples: Optional[int] = None
+    tuner, loader, adapter_name: str, max_batches: Optional[int], max_samples: Optional[int] = None, layers=None
 ) -> dict[str, ChannelStats]:
     """The calibration pass over the base model (adapters disabled, so activations are the frozen model's)."""
     config = tuner.peft_config[adapter_name]
-    layers = tuner.aira_moe_layers(adapter_name)
+    layers = tuner.aira_moe_layers(adapter_name) if layers is None else layers
     need_outputs = config.use_activation_aware and config.activation_aware_mode == "outps"
     base_modules = {name: layer.get_base_layer() for name, layer in layers.items()}
     previously_disabled = {name: layer.disable_adapters for name, layer in layers.items()}
@@ -77,12 +79,15 @@ def collect_for_model(
             layer.enable_adapters(not previously_disabled[name])
 
 
-def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str) -> dict[str, float]:
+def layer_importance(
+    tuner, stats: dict[str, ChannelStats], adapter_name: str, layers=None, units=None
+) -> dict[str, float]:
     """theta per allocation unit = mean over its modules of LOD (``theta_type='lod'``) or mean |x| ('act')."""
     config = tuner.peft_config[adapter_name]
-    layers = tuner.aira_moe_layers(adapter_name)
+    if layers is None:
+        layers, units = _layers_and_units(tuner, adapter_name)
     importance = {}
-    for unit, names in _units(tuner, adapter_name).items():
+    for unit, names in units.items():
         scores = []
         for name in names:
             if config.theta_type == "act":
@@ -96,17 +101,18 @@ def layer_importance(tuner, stats: dict[str, ChannelStats], adapter_name: str) -
     return importance
 
 
-def check_allocation_inputs(tuner, adapter_name: str) -> int:
+def check_allocation_inputs(tuner, adapter_name: str, units=None) -> int:
     """Validate the budget against the model's layers before any forward pass; returns the resolved budget."""
     config = tuner.peft_config[adapter_name]
-    units = _units(tuner, adapter_name)
-    budget = resolve_budget(config.rank_budget, len(units), config.r)
-    check_budget(budget, len(units), config.min_rank, config.max_rank)
-    return budget
+    units = _layers_and_units(tuner, adapter_name)[1] if units is None else units
+    return resolve_budget(config.rank_budget, len(units), config.r, config.min_rank, config.max_rank)
 
 
-def solve_allocation(config, importance: dict[str, float], objective_function: Optional[str] = None) -> dict[str, int]:
-    budget = resolve_budget(config.rank_budget, len(importance), config.r)
+def solve_allocation(config, importance: dict[str, float], objective_function: Optional[str] = None,
+                     budget: Optional[int] = None) -> dict[str, int]:
+    """Ranks per unit; ``budget`` is the resolved budget when the caller has it (else resolved from the config)."""
+    if budget is None:
+        budget = resolve_budget(config.rank_budget, len(importance), config.r, config.min_rank, config.max_rank)
     ranks = allocate_ranks(
         list(importance.values()), budget, config.min_rank, config.max_rank, objective_function or config.objective_function
     )
@@ -123,12 +129,12 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def apply_allocation(tuner, allocation: dict[str, int], adapter_name: str) -> dict[str, int]:
+def apply_allocation(tuner, allocation: dict[str, int], adapter_name: str, layers=None, units=None) -> dict[str, int]:
     """Rebuild each module with its unit's rank; the per-module ranks go into ``rank_pattern`` (saved with the
     adapter, so every loader rebuilds the same shapes)."""
     config = tuner.peft_config[adapter_name]
-    layers = tuner.aira_moe_layers(adapter_name)
-    units = _units(tuner, adapter_name)
+    if layers is None:
+        layers, units = _layers_and_units(tuner, adapter_name)
     missing = set(units) - set(allocation)
     if missing:
         raise ValueError(f"allocation has no rank for layers {sorted(missing)}")
@@ -150,8 +156,44 @@ def _module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _set_channel_weights(layers: dict, stats: dict[str, ChannelStats], config, adapter_name: str) -> None:
+    for name, layer in layers.items():
+        scores = channel_scores(stats[name], config.activation_aware_mode, config.activation_normalize)
+        layer.set_channel_scale(adapter_name, broadcast_from_main(scores.contiguous()))
+
+
+def _awsvd_init(layers: dict, stats: dict[str, ChannelStats], config, adapter_name: str) -> None:
+    """AwSVD per module: initial A directions ('directions') or the initial update pair ('residual')."""
+    for name, layer in tqdm(layers.items(), desc="aira_moe AwSVD init", disable=not is_main_process(), unit="module"):
+        weight = layer.get_base_layer().weight
+        rank = layer.r[adapter_name]
+        num_A = layer.aira_moe_A[adapter_name].shape[0]
+        count = rank * num_A if config.awsvd_mode == "directions" else rank
+        with gathered([weight]):
+            full = _weight_out_in(layer)
+            if count > min(full.shape):
+                raise ValueError(f"AwSVD needs {count} directions of {name!r} but it has only min{tuple(full.shape)}; "
+                                 "lower `max_rank` / `r`" + (" or `num_A`" if num_A > 1 else ""))
+            svd_args = dict(solver=config.awsvd_solver, niter=config.awsvd_niter, oversample=config.awsvd_oversample,
+                            generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)))
+            if config.awsvd_mode == "directions":
+                directions = awsvd_directions(full.detach(), input_rms(stats[name]), count, **svd_args)
+            else:
+                factor_A, factor_B = awsvd_factors(full.detach(), input_rms(stats[name]), rank,
+                                                   split=config.awsvd_split, **svd_args)
+        if config.awsvd_mode == "directions":
+            if config.use_activation_aware and config.activation_aware_mode == "inps":
+                # the *weighted* A rows (A diag(w)) are the directions; outps weights act on B, which starts at 0
+                directions = divide_out_input_weights(directions, layer.aira_moe_channel_scale[adapter_name])
+            layer.set_initial_directions(adapter_name, broadcast_from_main(directions.contiguous()))
+            continue
+        layer.set_initial_update(adapter_name, broadcast_from_main(factor_A.contiguous()), broadcast_from_main(factor_B.contiguous()))
+
+
 def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int] = None, report_dir: Optional[str] = None):
-    """One calibration pass, then every technique enabled in the adapter's config. Returns the report dict."""
+    """One calibration pass, then every technique enabled in the adapter's config. Returns the report dict. The
+    adapted modules are found once (the same module objects stay in place when allocation rebuilds their factors),
+    and the budget is resolved once, before the pass."""
     config = tuner.peft_config[adapter_name]
     if config.calibrated:
         raise ValueError(
@@ -161,56 +203,30 @@ def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int]
     if not config.needs_calibration:
         logger.info("aira_moe: no activation-aware technique enabled; calibration skipped")
         return None
-    budget = check_allocation_inputs(tuner, adapter_name) if config.use_layer_wise_rank else None
+    layers, units = _layers_and_units(tuner, adapter_name)
+    budget = check_allocation_inputs(tuner, adapter_name, units) if config.use_layer_wise_rank else None
     seconds = {}
 
     start = time.perf_counter()
-    stats = collect_for_model(tuner, loader, adapter_name, max_batches=max_batches or config.awsvd_collect_steps)
+    stats = collect_for_model(tuner, loader, adapter_name, max_batches=max_batches or config.awsvd_collect_steps,
+                              layers=layers)
     seconds["collect"] = time.perf_counter() - start
 
-    units = _units(tuner, adapter_name)
     importance = None
     if config.use_layer_wise_rank:
         start = time.perf_counter()
-        importance = layer_importance(tuner, stats, adapter_name)
-        unit_ranks = solve_allocation(config, importance)
-        apply_allocation(tuner, unit_ranks, adapter_name)
+        importance = layer_importance(tuner, stats, adapter_name, layers, units)
+        unit_ranks = solve_allocation(config, importance, budget=budget)
+        apply_allocation(tuner, unit_ranks, adapter_name, layers, units)
         seconds["allocate"] = time.perf_counter() - start
     else:
-        unit_ranks = {unit: tuner.aira_moe_layers(adapter_name)[names[0]].r[adapter_name] for unit, names in units.items()}
+        unit_ranks = {unit: layers[names[0]].r[adapter_name] for unit, names in units.items()}
 
-    layers = tuner.aira_moe_layers(adapter_name)
     if config.use_activation_aware:
-        for name, layer in layers.items():
-            scores = channel_scores(stats[name], config.activation_aware_mode, config.activation_normalize)
-            layer.set_channel_scale(adapter_name, broadcast_from_main(scores.contiguous()))
-
+        _set_channel_weights(layers, stats, config, adapter_name)
     if config.use_awsvd_init:
         start = time.perf_counter()
-        for name, layer in tqdm(layers.items(), desc="aira_moe AwSVD init", disable=not is_main_process(), unit="module"):
-            weight = layer.get_base_layer().weight
-            rank = layer.r[adapter_name]
-            num_A = layer.aira_moe_A[adapter_name].shape[0]
-            count = rank * num_A if config.awsvd_mode == "directions" else rank
-            with gathered([weight]):
-                full = _weight_out_in(layer)
-                if count > min(full.shape):
-                    raise ValueError(f"AwSVD needs {count} directions of {name!r} but it has only min{tuple(full.shape)}; "
-                                     "lower `max_rank` / `r`" + (" or `num_A`" if num_A > 1 else ""))
-                svd_args = dict(solver=config.awsvd_solver, niter=config.awsvd_niter, oversample=config.awsvd_oversample,
-                                generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)))
-                if config.awsvd_mode == "directions":
-                    directions = awsvd_directions(full.detach(), input_rms(stats[name]), count, **svd_args)
-                else:
-                    factor_A, factor_B = awsvd_factors(full.detach(), input_rms(stats[name]), rank,
-                                                       split=config.awsvd_split, **svd_args)
-            if config.awsvd_mode == "directions":
-                if config.use_activation_aware and config.activation_aware_mode == "inps":
-                    # the *weighted* A rows (A diag(w)) are the directions; outps weights act on B, which starts at 0
-                    directions = divide_out_input_weights(directions, layer.aira_moe_channel_scale[adapter_name])
-                layer.set_initial_directions(adapter_name, broadcast_from_main(directions.contiguous()))
-                continue
-            layer.set_initial_update(adapter_name, broadcast_from_main(factor_A.contiguous()), broadcast_from_main(factor_B.contiguous()))
+        _awsvd_init(layers, stats, config, adapter_name)
         seconds["awsvd"] = time.perf_counter() - start
 
     # the LoRA-style random A experts (and a router) too: every rank starts from rank 0's weights

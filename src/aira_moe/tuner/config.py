@@ -7,8 +7,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..calibration.allocation import OBJECTIVES
-from ..calibration.stats import CHANNEL_NORMALIZERS, LOD_REFERENCES
+from ..calibration.allocation import OBJECTIVES, check_rank_bounds
+from ..calibration.stats import CHANNEL_NORMALIZERS, DEFAULT_LOD_REFERENCE, LOD_REFERENCES
 from ._registry import ensure_peft_type
 from .collaboration import STRATEGIES
 
@@ -119,7 +119,7 @@ class AiraMoeConfig(PeftConfig):
                           "(see lod_reference). "},
     )
     lod_reference: Literal[LOD_REFERENCES] = field(
-        default="median",
+        default=DEFAULT_LOD_REFERENCE,
         metadata={"help": "Reference level of the LOD outlier threshold: 'mean' of all |W_ij| * ||X_j|| (the seed's "
                           "formula) or their 'median', which a few huge channels cannot inflate. "},
     )
@@ -267,8 +267,7 @@ class AiraMoeConfig(PeftConfig):
             raise ValueError(f"`lod_threshold_M` must be > 0, got {self.lod_threshold_M!r}.")
         _require_at_least("min_rank", self.min_rank, 1)
         _require_at_least("max_rank", self.max_rank, 1)
-        if self.min_rank > self.max_rank:
-            raise ValueError(f"`min_rank` ({self.min_rank}) must be <= `max_rank` ({self.max_rank}).")
+        check_rank_bounds(self.min_rank, self.max_rank)
         if self.rank_budget != "auto" and (isinstance(self.rank_budget, bool) or not isinstance(self.rank_budget, int)
                                            or self.rank_budget < 1):
             raise ValueError(f"`rank_budget` must be a positive integer or 'auto', got {self.rank_budget!r}.")

@@ -153,25 +153,6 @@ class AiraMoeModel(BaseTuner):
         adapter_name = adapter_name or self.active_adapters[0]
         return apply_allocation(self, allocation, adapter_name)
 
-    def to_lora_adapter(
-        self,
-        out_dir: str,
-        adapter_name: Optional[str] = None,
-        *,
-        max_rank: Optional[int] = None,
-        truncate: bool = False,
-        dtype: Optional[str] = None,
-        overwrite: bool = False,
-    ) -> dict:
-        """Write this adapter, exactly, as a standard peft LoRA adapter (one r, one lora_alpha) that stock peft, vLLM
-        and SGLang load onto the *original* base model; see ``aira_moe.export.lora``. Returns the export report."""
-        from ..export.lora import modules_from_model, write_lora_adapter
-
-        adapter_name = adapter_name or self.active_adapters[0]
-        modules, other = modules_from_model(self, adapter_name)
-        return write_lora_adapter(self.peft_config[adapter_name], modules, other, out_dir, max_rank=max_rank,
-                                  truncate=truncate, dtype=dtype, overwrite=overwrite)
-
     def calibrate(
         self,
         loader: Iterable[dict],
