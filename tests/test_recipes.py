@@ -170,7 +170,7 @@ def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("dataset=gsm8k,nope", r"`dataset` 'nope' is not registered in .*dataset_info.json \(known: .*gsm8k"),
     ("adapter_name_or_path=saves/aira_moe/absent", r"no adapter at saves/aira_moe/absent"),
-    ("cola_strategy=nested", r"`cola_strategy` must be one of \['full', 'heuristic', 'random'\], got 'nested'"),
+    ("cola_strategy=nested", r"`cola_strategy` must be one of \['full', 'heuristic', 'random', 'routed'\], got 'nested'"),
     ("num_a=2", r"`num_a` is not a key of llamafactory-cli or aira_moe; did you mean `num_A`\?$"),
     ("use_layer_wise_rank=false", r"`rank_budget`=256, `min_rank`=4, `max_rank`=64 have no effect without "
                                   r"`use_layer_wise_rank: true`; set that or remove them\.$"),
@@ -192,6 +192,7 @@ def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
     ({"awsvd_split": "symmetric"}, "`awsvd_split`='symmetric' has no effect without `awsvd_mode: residual`"),
     ({"use_activation_aware": False}, "`activation_aware_mode`='outps' has no effect without `use_activation_aware: true`"),
     ({"theta_type": "act", "lod_threshold_M": 2.5}, "`lod_threshold_M`=2.5 has no effect without `theta_type: lod`"),
+    ({"router_aux_loss_coef": 0.1}, "`router_aux_loss_coef`=0.1 has no effect without `cola_strategy: routed`"),
 ])
 def test_a_key_whose_switch_is_off_is_an_error_naming_both(override, message, tmp_path):
     pytest.importorskip("llamafactory")
