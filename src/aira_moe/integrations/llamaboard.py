@@ -163,16 +163,14 @@ def _patched_parse_train_args(original):
 
 def check_message(args: dict, lang: str) -> str:
     """'' when ``llamafactory-cli train`` would accept ``args``, else the one line ``aira-moe check`` prints."""
-    from .llamafactory import check_train_config
+    from .llamafactory import CompletedRunError, check_train_config
 
     try:
-        check_train_config(args)
+        check_train_config(args, refuse_complete_run=True)
+    except CompletedRunError:  # the seam would train nothing and exit 0: say so before starting a process
+        return message("complete_run", lang, output_dir=args["output_dir"])
     except (FileNotFoundError, ValueError) as error:
         return " ".join(str(error).split())
-    except SystemExit as stop:  # the seam exits 0 when output_dir holds this same run, finished
-        if stop.code not in (0, None):
-            raise
-        return message("complete_run", lang, output_dir=args["output_dir"])
     return ""
 
 

@@ -13,7 +13,12 @@ ZH_HELP = {
     "num_A": "每层下投影专家 A_i（r × in）的数量。",
     "num_B": "每层上投影专家 B_j（out × r）的数量。",
     "cola_strategy": "A 与 B 专家的协作方式：'full' 对所有组合求和（一对 LoRA 大小的 GEMM），'heuristic' 将每个 B 绑定到"
-                     "一个 A，'random' 在每个训练步把每个 A 与一个随机的 B 配对，评估与合并时使用其期望。",
+                     "一个 A，'random' 在每个训练步把每个 A 与一个随机的 B 配对，评估与合并时使用其期望，'routed' 用训练的"
+                     " softmax 路由器按 token 混合 num_A * num_B 个组合（不可合并、不可导出为 LoRA：以未合并方式部署）。",
+    "router_top_k": "仅 'routed'：每个 token 只保留 router_top_k 个最大的门控值（不重新归一化）；0 保留全部 "
+                    "num_A * num_B 个门控（稠密）。",
+    "router_aux_loss_coef": "仅 'routed'：加到训练损失上的负载均衡损失（Switch Transformer 的 E * sum f_e P_e，"
+                            "各层取平均）的权重；0 表示关闭。",
     "cola_seed": "'random' 策略逐步配对的随机种子（所有进程相同）。",
     "use_layer_wise_rank": "根据校准得到的层重要性，为每个解码层分配秩。",
     "theta_type": "层重要性：'lod'（|W_ij| · ||X_j|| 中离群项的比例）或 'act'（平均 |x|）。",

@@ -193,7 +193,11 @@ def _check_datasets(args: dict) -> int:
     return len(names)
 
 
-def check_train_config(args: dict) -> str:
+class CompletedRunError(ValueError):
+    """``output_dir`` holds this same run, finished: training it would do nothing (see _stop_if_run_is_complete)."""
+
+
+def check_train_config(args: dict, refuse_complete_run: bool = False) -> str:
     """Validate a ``llamafactory-cli train`` config in this process, as its parser will, without loading the model or
     the data: argument parsing (every aira_moe check included: the rank budget against the model's config.json when
     it is local), the dataset names against dataset_info.json, adapter paths and the DeepSpeed file. Returns a
@@ -215,6 +219,8 @@ def check_train_config(args: dict) -> str:
         _state.checking = False
     if _is_aira_moe(finetuning_args):
         _check_lora_target(model_args, finetuning_args)
+        if refuse_complete_run and _completed_run(training_args) is not None:
+            raise CompletedRunError(f"the run in {training_args.output_dir} is complete; nothing would be trained")
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
 
