@@ -3,7 +3,6 @@
 from collections import Counter
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from peft import PeftModel, get_peft_model
 from test_calibration import _free_port
 
 from aira_moe import AiraMoeConfig
+from aira_moe.export import to_lora_adapter
 from aira_moe.tuner.collaboration import TokenDependentUpdate, heuristic_pairing
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -130,7 +130,7 @@ def test_merge_and_lora_export_refuse_in_one_line(tmp_path):
     assert torch.equal(layer.base_layer.weight, layer.get_base_layer().weight)  # nothing half-merged
     assert not layer.merged
     with pytest.raises(TokenDependentUpdate, match="exported as a standard LoRA"):
-        model.base_model.to_lora_adapter(str(tmp_path / "lora"))
+        to_lora_adapter(model, str(tmp_path / "lora"))
     assert not (tmp_path / "lora").exists()
     model.save_pretrained(tmp_path / "adapter")
     result = subprocess.run(["aira-moe", "export-lora", "--adapter", str(tmp_path / "adapter"), "--out",
