@@ -78,9 +78,12 @@ def test_quality_compare_reduced(tmp_path):
     out = tmp_path / "quality.json"
     run("quality.py", "--part", "compare", "--bases", "pretrained,outliers", "--tasks", "finance",
         "--methods", "lora,cola_basic,aira_full", "--lrs", "3e-3", "--seeds", "2", "--steps", "2", "--batch", "2",
-        "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache", "",
-        "--workers", "1", "--out", str(out))
+        "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache",
+        str(tmp_path / "runs.jsonl"), "--workers", "1", "--out", str(out))
     result = json.loads(out.read_text())
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    # the lr search (seed 0) never scored test; the reported seeds 1..2 did
+    assert {(row["seed"], "test_loss" in row) for row in runs} == {(0, False), (1, True), (2, True)}
     cell = result["compare"]["outliers"]["finance"]
     assert set(cell) == {"lora", "cola_basic", "aira_full"}
     assert len({row["params"] for row in cell.values()}) == 1  # equal trainable parameters, checked by the harness
