@@ -622,6 +622,8 @@ def main(argv=None):
     parser.add_argument("--pretrain_steps", type=int, default=testbed.BUILD["pretrain_steps"])
     parser.add_argument("--teacher_steps", type=int, default=300)
     parser.add_argument("--out", default="", help="JSON results; a markdown table is printed (and written next to it)")
+    parser.add_argument("--note", default="", help="a line kept in the JSON and at the top of the markdown (e.g. "
+                        "what a partial run covers)")
     args = parser.parse_args(argv)
     args.bases, args.tasks = args.bases.split(","), args.tasks.split(",")
     args.lrs = [float(v) for v in args.lrs.split(",")]
@@ -646,12 +648,14 @@ def main(argv=None):
     start = time.perf_counter()
     result = {"device": device_name(torch.device("cpu")) + f", {args.workers} worker processes x 1 thread",
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}}
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}, "note": args.note}
     if args.part in ("compare", "all"):
         manifest = testbed.build(args.testbed_dir, args.data_dir, {**testbed.BUILD, "pretrain_steps": args.pretrain_steps})
         result["testbed"] = {k: manifest[k] for k in ("settings", "stats", "planted", "split_sizes", "chunks")}
         result["compare"] = compare(args, manifest, methods)
         table = markdown(json.loads(json.dumps(result["compare"])), args.screen)
+        if args.note:
+            table = f"{args.note}\n\n{table}"
         print("\n" + table)
         if args.out:
             with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
