@@ -613,7 +613,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     parser.add_argument("--eval_chunks", type=int, default=128, help="val/test sequences scored per run")
     parser.add_argument("--screen", action="store_true",
-                        help="report the val split only (for choosing defaults); with --seeds 1, just the lr search")
+                        help="report the val split only (for choosing defaults); with --seeds 0, just the lr search (seed 0)")
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--cache", default=os.path.join(ROOT, "outputs", "quality_runs.jsonl"), help="JSONL run cache ('' = none)")
     parser.add_argument("--tag", default="", help="kept in every run's cache key (change it after changing the code)")
