@@ -2,20 +2,31 @@
 
 Part ``compare`` (the main benchmark): the pretrained-like testbed of ``testbed.py`` (two bases: ``pretrained`` and
 ``outliers``, the same network with LLM-like outlier channels planted) is fine-tuned on three tasks from
-../shared/data/train (medicine = GenMedGPT-5k, math = GSM8K, finance = FinEval-en) with every method at exactly the
-same number of trainable parameters: LoRA r=10 and CoLA 2x3 r=4 (81,920 each), alone and with each technique.
+../shared/data/train (medicine = GenMedGPT-5k, math = GSM8K, finance = FinEval-en) and on their union (``multitask``,
+the multi-tasking recipe's mixture; val/test loss per task and their mean) with every method at the same number of
+trainable parameters as LoRA r=10 (81,920): the peers LoRA, LoRA+ (peft's ``create_loraplus_optimizer``, ratio chosen
+on val from {2, 4, 8, 16}), PiSSA (peft ``init_lora_weights="pissa"``), EVA (peft ``initialize_lora_eva_weights``,
+rank redistribution ``rho=2``) and CorDA (peft ``preprocess_corda``, IPM); CoLA 2x3 r=4 with each strategy
+(``full``, ``heuristic``, ``random``), plain and with every technique; CoLA 1x1 r=10, plain, with every technique,
+and with each technique removed in turn. EVA and CorDA see exactly the calibration batches aira_moe sees (the run's
+first 8 training batches). Loss: every token of the packed 128-token chunks (prompt and response alike), in training
+and in evaluation.
   1. Learning rate, per (base, task, method), on the *val* split: a grid (default 1e-3, 3e-3, 1e-2), seed 0; when
      the best rate is on the grid's edge the grid is extended (up to twice) along the 1-3-10 ladder in that direction.
-  2. The chosen rate is then run with seeds 1 .. N-1 as well; the *test* split (never used for a choice) is reported
-     as mean +- std over the N seeds, and as the paired difference to LoRA and to CoLA-basic over the same seeds.
+     These selection runs never evaluate the test split (the code does not load it).
+  2. The chosen rate is then run with seeds 1 .. N (not the selection seed); the *test* split (never used for a
+     choice) is reported as mean +- std over the N seeds, with the paired difference to LoRA, to the best peer (the
+     peer with the lowest *val* loss over the same seeds) and to CoLA-basic, and the method's rank among all methods.
+     ``--screen`` runs evaluate val only, for choosing defaults (e.g. ``--lod_sweep``).
 Runs go to a JSONL cache (``--cache``): a rerun reuses every finished run with the same settings.
 
 Part ``teacher`` (synthetic mechanism check of layer-wise allocation): a random tiny Llama with activation outliers in
 two layers, a teacher that perturbs exactly those layers, students at the same budget; held-out KL to the teacher.
 
-    python benchmarks/quality.py --part compare --out benchmarks/results/quality_cpu.json     # ~42 min on 2 cores (+7 min testbed build)
+    python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json   # every method (hours on 2 cores)
     python benchmarks/quality.py --part compare --screen --methods cola_weighting \\
         --extra "w_mean:use_activation_aware=true,activation_normalize=mean"   # val only, for choosing defaults
+    python benchmarks/quality.py --part compare --screen --methods aira_full --lod_sweep aira_full   # M x reference
 """
 
 from __future__ import annotations
@@ -60,18 +71,55 @@ LITERAL = dict(awsvd_mode="residual", awsvd_split="reference", activation_normal
                lod_threshold_M=2.0, layer_scaling="rank")
 # CoLA with one A and one B expert at LoRA's rank: the same parameters as LoRA r=10, every parameter non-redundant
 ONE_BY_ONE = dict(r=10, lora_alpha=20, num_A=1, num_B=1)
+EVERY_TECHNIQUE = {**LAYER_WISE, **AWSVD, **WEIGHTING}
+EVERY_TECHNIQUE_1X1 = {**ONE_BY_ONE, **LAYER_WISE, "max_rank": 20, **AWSVD, **WEIGHTING}
+# peers: peft's LoraConfig keys over LoRA r=10 (``peft_type: LORA``), each method through peft's own public API.
+# ``loraplus_lr_ratio`` is a training key (peft.optimizers.create_loraplus_optimizer), not a LoraConfig field.
+# CorDA: peft documents IPM (instruction-previewed) as the mode that converges faster and fine-tunes better when
+# keeping pre-trained knowledge is not a concern -- held-out task loss is what is measured here; KPM trades some of
+# that for less forgetting. EVA: rho=2 (peft's default) lets a module take up to 2r, the budget staying sum_l r.
+PEER = dict(peft_type="LORA")
+# {name: overrides}: None = LoRA r=10; a dict with peft_type LORA = LoraConfig keys; otherwise AiraMoeConfig keys over
+# CoLA 2x3 r=4 ``full``. Plain data, so a method is one line.
 METHODS = {
     "lora": None,
+    "loraplus_2": {**PEER, "loraplus_lr_ratio": 2},
+    "loraplus_4": {**PEER, "loraplus_lr_ratio": 4},
+    "loraplus_8": {**PEER, "loraplus_lr_ratio": 8},
+    "loraplus_16": {**PEER, "loraplus_lr_ratio": 16},
+    "pissa": {**PEER, "init_lora_weights": "pissa"},
+    "eva": {**PEER, "init_lora_weights": "eva", "eva_config": {"rho": 2.0}},
+    "corda": {**PEER, "init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}},
     "cola_basic": {},
     "cola_layer_wise": LAYER_WISE,
     "cola_awsvd": AWSVD,
     "cola_weighting": WEIGHTING,
-    "aira_full": {**LAYER_WISE, **AWSVD, **WEIGHTING},
-    "aira_full_literal": {**LAYER_WISE, **AWSVD, **WEIGHTING, **LITERAL},
-    "aira_full_1x1": {**ONE_BY_ONE, **LAYER_WISE, "max_rank": 20, **AWSVD, **WEIGHTING},
-    # a per-token router over the 6 pairs (dense gates); its router adds 6 * in parameters a module
-    "cola_routed": {"cola_strategy": "routed"},
+    "aira_full": EVERY_TECHNIQUE,
+    "aira_full_literal": {**EVERY_TECHNIQUE, **LITERAL},
+    "cola_heuristic": {"cola_strategy": "heuristic"},
+    "aira_heuristic": {**EVERY_TECHNIQUE, "cola_strategy": "heuristic"},
+    "cola_random": {"cola_strategy": "random"},
+    "aira_random": {**EVERY_TECHNIQUE, "cola_strategy": "random"},
+    "cola_1x1": ONE_BY_ONE,
+    "aira_full_1x1": EVERY_TECHNIQUE_1X1,
+    "aira_1x1_no_layer_wise": {**EVERY_TECHNIQUE_1X1, "use_layer_wise_rank": False},
+    "aira_1x1_no_awsvd": {**EVERY_TECHNIQUE_1X1, "use_awsvd_init": False},
+    "aira_1x1_no_weighting": {**EVERY_TECHNIQUE_1X1, "use_activation_aware": False},
+    # a per-token router over the 6 pairs (dense gates). The router adds 6 x (in + 1) parameters a module (24,744
+    # here), so r=3: 61,440 + 24,744 = 86,184, +5.2 % over the budget -- the nearest equal-parameter form
+    "cola_routed": {"cola_strategy": "routed", "r": 3, "lora_alpha": 6},
 }
+# a family is one reported method whose members differ by a hyper-parameter chosen on val with the learning rate
+FAMILIES = {"loraplus": ["loraplus_2", "loraplus_4", "loraplus_8", "loraplus_16"]}
+# the peers: the methods a user could run instead of aira_moe ("best peer" = lowest val loss among them)
+PEERS = ["lora", "loraplus", "pissa", "eva", "corda"]
+# EVA moves rank between modules whose (in + out) differ, so its parameter count can drift from LoRA's: allowed
+# relative difference (measured +1.6 % on the testbed; rho=2 bounds the worst case near +40 %); 'routed' adds its
+# router, which no integer rank offsets exactly (+5.2 %); every other method must match exactly
+REDISTRIBUTED_PARAMS_TOLERANCE = 0.10
+TRAINING_KEYS = ("loraplus_lr_ratio",)
+# the lod_threshold_M x lod_reference sweep (``--lod_sweep METHOD``, val only)
+LOD_SWEEP = {"M": [2.0, 3.0, 4.0, 6.0, 8.0], "reference": ["median", "mean"]}
 
 
 def parse_extra(spec: str) -> tuple[str, dict]:
@@ -88,13 +136,65 @@ def parse_extra(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
+def lod_sweep_methods(name: str, overrides: dict) -> dict:
+    """``name`` with every lod_threshold_M x lod_reference of LOD_SWEEP (layer-wise allocation must be on)."""
+    if not (overrides or {}).get("use_layer_wise_rank"):
+        raise ValueError(f"--lod_sweep {name}: that method has no layer-wise allocation (use_layer_wise_rank)")
+    return {f"{name}_lod_{reference}_M{threshold:g}": {**overrides, "lod_reference": reference,
+                                                       "lod_threshold_M": threshold}
+            for reference in LOD_SWEEP["reference"] for threshold in LOD_SWEEP["M"]}
+
+
 def peft_config(overrides):
     from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
 
     if overrides is None or overrides.get("peft_type") == "LORA":
-        lora = {k: v for k, v in (overrides or {}).items() if k != "peft_type"}
+        lora = {k: v for k, v in (overrides or {}).items() if k != "peft_type" and k not in TRAINING_KEYS}
+        if "eva_config" in lora:
+            lora["eva_config"] = EvaConfig(**lora["eva_config"])
+        if "corda_config" in lora:
+            lora["corda_config"] = CordaConfig(**lora["corda_config"])
         return LoraConfig(**{**LORA, **lora}, target_modules=TARGETS)
     return AiraMoeConfig(**{**COLA, "target_modules": TARGETS, "awsvd_collect_steps": 8, **overrides})
+
+
+def lora_reference_params(model) -> int:
+    """Trainable parameters of LoRA r=10 on ``model``'s target projections: the budget every method must match."""
+    return sum(LORA["r"] * (module.in_features + module.out_features) for name, module in model.named_modules()
+               if name.split(".")[-1] in TARGETS and isinstance(module, torch.nn.Linear))
+
+
+def build_adapted(base, config, calibration: list[dict]):
+    """Wrap ``base`` in ``config``'s adapter and run the data-driven init that config asks for, each through its
+    library's public API, on the same ``calibration`` batches: CorDA's covariance pass (before wrapping: it rewrites
+    the base weight into the residual), EVA's incremental SVD (after), aira_moe's calibration (after)."""
+    from peft import get_peft_model
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    init = getattr(config, "init_lora_weights", None)
+    if init == "corda":
+        # its covariance hook takes one sequence per forward (it squeezes dim 0), as in peft's CorDA examples
+        preprocess_corda(base, config, run_model=lambda: [base(input_ids=ids[None]) for batch in calibration
+                                                          for ids in batch["input_ids"]])
+    model = get_peft_model(base, config, low_cpu_mem_usage=init == "eva")
+    if init == "eva":
+        initialize_lora_eva_weights(model, dataloader=calibration, show_progress_bar=False)
+    if getattr(config, "needs_calibration", False):
+        model.calibrate(calibration)
+    return model
+
+
+def make_optimizer(model, lr: float, loraplus_lr_ratio: float | None = None):
+    """AdamW without weight decay; with a ratio, LoRA+ through peft's own ``create_loraplus_optimizer`` (B at
+    ratio x lr)."""
+    if loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                         weight_decay=0.0)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------ one run
@@ -112,26 +212,54 @@ def held_out_loss(model, chunks: torch.Tensor, batch: int = 32) -> float:
     return total / tokens
 
 
+# the multi-task cell: trained on the union of these tasks' train splits (as the multi-tasking recipe mixes them)
+TASK_GROUPS = {"multitask": ["medicine", "math", "finance"]}
+
+
+def task_parts(task: str) -> list[str]:
+    """'medicine' -> ['medicine']; 'multitask' or 'medicine+math' (a multi-task cell) -> its tasks."""
+    return TASK_GROUPS.get(task, task.split("+"))
+
+
+def split_loss(model, tokens: dict, task: str, share: str, eval_chunks: int) -> dict:
+    """Loss on ``share`` of each of the cell's tasks and their mean (equal weight per task)."""
+    by_task = {part: held_out_loss(model, tokens[f"{part}/{share}"][:eval_chunks]) for part in task_parts(task)}
+    row = {f"{share}_loss": statistics.mean(by_task.values())}
+    if len(by_task) > 1:
+        row[f"{share}_loss_by_task"] = by_task
+    return row
+
+
 def run_one(job: dict) -> dict:
-    """Fine-tune one (base, task, method, lr, seed); returns val and test loss. LLaMA-Factory-like optimisation:
-    AdamW without weight decay, 10 % linear warm-up then cosine decay, gradient clipping at 1.0."""
-    from peft import get_peft_model
+    """Fine-tune one (base, task, method, lr, seed); returns the loss on the splits in ``job["evaluate"]`` only
+    (selection and screening runs: val; the test split is then neither loaded nor scored). LLaMA-Factory-like
+    optimisation: AdamW without weight decay, 10 % linear warm-up then cosine decay, gradient clipping at 1.0."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(job["threads"])
-    tokens = torch.load(job["tokens"])
-    train, val, test = (tokens[f"{job['task']}/{share}"] for share in ("train", "val", "test"))
+    wanted = [f"{part}/{share}" for part in task_parts(job["task"]) for share in ("train", *job["evaluate"])]
+    tokens = {key: value for key, value in torch.load(job["tokens"]).items() if key in wanted}
+    train = torch.cat([tokens[f"{part}/train"] for part in task_parts(job["task"])])
     base = LlamaForCausalLM.from_pretrained(job["base_dir"]).float()
+    budget = lora_reference_params(base)
+    overrides = dict(job["overrides"] or {})
+    training = {key: overrides.pop(key) for key in TRAINING_KEYS if key in overrides}
+    config = peft_config(overrides if job["overrides"] is not None else None)
     torch.manual_seed(job["seed"])
-    model = get_peft_model(base, peft_config(job["overrides"]))
     gen = torch.Generator().manual_seed(job["seed"])
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(job["steps"] * job["batch"] // len(train) + 1)])
     batches = [train[order[i * job["batch"]:(i + 1) * job["batch"]]] for i in range(job["steps"])]
     start = time.perf_counter()
-    if getattr(model.peft_config["default"], "needs_calibration", False):
-        model.calibrate([{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches[:8]])
+    model = build_adapted(base, config, [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches[:8]])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
+    count = sum(p.numel() for p in params)
+    redistributes = (getattr(config, "init_lora_weights", None) == "eva" and config.eva_config.rho > 1
+                     or getattr(config, "cola_strategy", None) == "routed")
+    tolerance = REDISTRIBUTED_PARAMS_TOLERANCE if redistributes else 0.0
+    if abs(count - budget) > tolerance * budget:
+        raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA['r']}), "
+                           f"allowed relative difference {tolerance}")
+    optimizer = make_optimizer(model, job["lr"], **training)
     warmup = max(1, job["steps"] // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (job["steps"] - warmup))))
@@ -146,18 +274,21 @@ def run_one(job: dict) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append(loss.item())
-    result = {
-        "val_loss": held_out_loss(model, val[: job["eval_chunks"]]),
-        "test_loss": held_out_loss(model, test[: job["eval_chunks"]]),
+    result = {}
+    for share in job["evaluate"]:
+        result.update(split_loss(model, tokens, job["task"], share, job["eval_chunks"]))
+    result.update({
         "final_train_loss": statistics.mean(curve[-max(1, len(curve) // 10):]),
         "diverged": not math.isfinite(curve[-1]),
-        "params": sum(p.numel() for p in params),
+        "params": count,
+        "params_budget": budget,
         "seconds": time.perf_counter() - start,
         "curve": [round(v, 4) for v in curve],
-    }
-    ranks = getattr(model.peft_config["default"], "rank_pattern", None) or {}
+    })
+    config = model.peft_config["default"]
+    ranks = getattr(config, "rank_pattern", None) or {}
     if ranks:
-        result["layer_ranks"] = [ranks.get(f"model.layers.{i}.self_attn.q_proj") for i in range(len(base.model.layers))]
+        result["layer_ranks"] = [ranks.get(f"model.layers.{i}.self_attn.q_proj", config.r) for i in range(len(base.model.layers))]
     return result
 
 
@@ -198,8 +329,9 @@ class Runner:
                     row = {"key": key, **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")},
                            **finished.result()}
                     self.done[key] = row
+                    losses = " ".join(f"{share} {row[share + '_loss']:.4f}" for share in job["evaluate"])
                     print(f"    {job['base']}/{job['task']}/{job['method']} lr={job['lr']:g} seed={job['seed']}: "
-                          f"val {row['val_loss']:.4f} test {row['test_loss']:.4f} ({row['seconds']:.0f} s)", flush=True)
+                          f"{losses} ({row['seconds']:.0f} s)", flush=True)
                     if self.cache_path:
                         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
                         with open(self.cache_path, "a", encoding="utf-8") as handle:
@@ -241,92 +373,133 @@ def summary(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
+def family_of(method: str) -> str:
+    return next((family for family, members in FAMILIES.items() if method in members), method)
+
+
 def compare(args, manifest: dict, methods: dict) -> dict:
     from transformers import LlamaForCausalLM
 
     runner = Runner(args.cache, args.workers)
 
-    def make_job(cell, lr, seed):
+    def make_job(cell, lr, seed, evaluate=("val",)):
         base, task, method = cell
         return {"base": base, "task": task, "method": method, "overrides": methods[method], "lr": lr, "seed": seed,
-                "steps": args.steps, "batch": args.batch, "eval_chunks": args.eval_chunks,
+                "evaluate": list(evaluate), "steps": args.steps, "batch": args.batch, "eval_chunks": args.eval_chunks,
                 "testbed": os.path.basename(manifest["dir"]), "threads": 1, "version": args.tag,
                 "tokens": manifest["tokens"], "base_dir": manifest["bases"][base]}
 
     cells = [(base, task, method) for base in args.bases for task in args.tasks for method in methods]
     chosen = choose_lrs(runner, make_job, cells, args.lrs)
+    # a family (LoRA+ ratios) is reported as its member with the lowest val loss at its best rate
+    winners = {}
+    for base in args.bases:
+        for task in args.tasks:
+            for method in methods:
+                family = family_of(method)
+                current = winners.get((base, task, family))
+                if current is None or chosen[(base, task, method)][1][chosen[(base, task, method)][0]] < \
+                        chosen[(base, task, current)][1][chosen[(base, task, current)][0]]:
+                    winners[(base, task, family)] = method
+    reported = {(base, task, family): method for (base, task, family), method in winners.items()}
+    evaluate = ("val",) if args.screen else ("val", "test")
     seeded = {}
-    if args.seeds > 1 or not args.screen:
-        jobs = [(cell, make_job(cell, chosen[cell][0], seed)) for cell in cells for seed in range(args.seeds)]
-        for (cell, _), row in zip(jobs, runner.run([job for _, job in jobs])):
-            seeded.setdefault(cell, []).append(row)
+    if args.seeds > 0:  # seeds 1..N: the selection seed 0 is not reused for what is reported
+        jobs = [(key, make_job((key[0], key[1], method), chosen[(key[0], key[1], method)][0], seed, evaluate))
+                for key, method in reported.items() for seed in range(1, args.seeds + 1)]
+        for (key, _), row in zip(jobs, runner.run([job for _, job in jobs])):
+            seeded.setdefault(key, []).append(row)
 
     results = {}
     tokens = torch.load(manifest["tokens"])
+    metric = "val_loss" if args.screen else "test_loss"
     for base in args.bases:
         model = LlamaForCausalLM.from_pretrained(manifest["bases"][base]).float()
-        results[base] = {"_no_finetuning": {
-            task: {share: held_out_loss(model, tokens[f"{task}/{share}"][: args.eval_chunks]) for share in ("val", "test")}
-            for task in args.tasks}}
+        shares = ("val",) if args.screen else ("val", "test")
+        results[base] = {"_no_finetuning": {task: {share: split_loss(model, tokens, task, share, args.eval_chunks)[f"{share}_loss"]
+                                                   for share in shares} for task in args.tasks}}
         for task in args.tasks:
             cell_rows = {}
-            for method in methods:
+            for (cell_base, cell_task, family), method in reported.items():
+                if (cell_base, cell_task) != (base, task):
+                    continue
                 best, scores = chosen[(base, task, method)]
                 row = {"overrides": methods[method], "lr": best,
                        "val_by_lr": {f"{k:g}": v for k, v in sorted(scores.items())}, "val_loss": {"mean": scores[best]}}
-                runs = seeded.get((base, task, method))
+                if family != method:
+                    row["member"] = method
+                    row["val_by_member"] = {m: min(chosen[(base, task, m)][1].values()) for m in FAMILIES[family]
+                                            if (base, task, m) in chosen}
+                runs = seeded.get((base, task, family))
                 if runs:
-                    row.update(test_loss=summary([r["test_loss"] for r in runs]),
-                               val_loss=summary([r["val_loss"] for r in runs]),
-                               params=runs[0]["params"], layer_ranks=runs[0].get("layer_ranks"))
-                cell_rows[method] = row
-            metric = "val_loss" if args.screen else "test_loss"
-            if not args.screen:
-                params = {row["params"] for row in cell_rows.values()}
-                if len(params) != 1:
-                    raise RuntimeError(f"methods differ in trainable parameters on {base}/{task}: {params}")
-            for reference in ("lora", "cola_basic"):
+                    row.update(val_loss=summary([r["val_loss"] for r in runs]), seeds=[r["seed"] for r in runs],
+                               params=runs[0]["params"], params_budget=runs[0]["params_budget"],
+                               layer_ranks=runs[0].get("layer_ranks"))
+                    if not args.screen:
+                        row["test_loss"] = summary([r["test_loss"] for r in runs])
+                    if "val_loss_by_task" in runs[0]:
+                        for share in evaluate:
+                            row[f"{share}_loss_by_task"] = {
+                                part: summary([r[f"{share}_loss_by_task"][part] for r in runs]) for part in task_parts(task)}
+                cell_rows[family] = row
+            peers = [m for m in PEERS if m in cell_rows and "runs" in cell_rows[m]["val_loss"]]
+            references = {"lora": "lora", "cola_basic": "cola_basic"}
+            if peers:  # chosen on val over the reported seeds, never on test
+                references["best_peer"] = min(peers, key=lambda m: cell_rows[m]["val_loss"]["mean"])
+            for label, reference in references.items():
                 if reference not in cell_rows or "runs" not in cell_rows[reference][metric]:
                     continue
                 for method, row in cell_rows.items():
                     if method != reference:
                         diffs = [a - b for a, b in zip(row[metric]["runs"], cell_rows[reference][metric]["runs"])]
-                        row[f"paired_diff_vs_{reference}"] = summary(diffs)
+                        row[f"paired_diff_vs_{label}"] = {**summary(diffs), "reference": reference}
+            ranked = sorted((m for m in cell_rows if "runs" in cell_rows[m][metric]), key=lambda m: cell_rows[m][metric]["mean"])
+            for position, method in enumerate(ranked, 1):
+                cell_rows[method]["rank"] = position
             results[base][task] = cell_rows
     return results
 
 
 def markdown(results: dict, screen: bool) -> str:
+    """One table per (base, task): loss mean +- std over the seeds, paired differences, rank, lr, parameters."""
     lines = []
+    metric = "val_loss" if screen else "test_loss"
+    name = "val" if screen else "test"
     for base, tasks in results.items():
-        reference = tasks.pop("_no_finetuning", {})
-        methods = list(next(iter(tasks.values())))
+        reference = tasks.get("_no_finetuning", {})
         if reference:
             lines += [f"**{base}** before fine-tuning: " + ", ".join(
-                f"{task} val {v['val']:.4f} / test {v['test']:.4f}" for task, v in reference.items()), ""]
-        metric = "val_loss" if screen else "test_loss"
-        if screen and "std" not in next(iter(tasks.values()))[methods[0]]["val_loss"]:
-            lines += [f"**{base}** (val loss at the best lr; lr)", "",
-                      "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-            for method in methods:
-                lines.append(f"| {method} | " + " | ".join(
-                    f"{tasks[t][method]['val_loss']['mean']:.4f} ({tasks[t][method]['lr']:g})" for t in tasks) + " |")
-        else:
-            name = "val" if screen else "test"
-            lines += [f"**{base}**: {name} loss, mean ± std over seeds; Δ = paired difference (method − reference), "
-                      "mean ± std; lr chosen on val", "",
-                      "| method | " + " | ".join(f"{t} {name} | {t} Δ vs LoRA | {t} Δ vs CoLA" for t in tasks) + " |",
-                      "|---|" + "---|---|---|" * len(tasks)]
-            for method in methods:
-                cells = []
-                for task in tasks:
-                    row = tasks[task][method]
-                    cells.append(f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f} (lr {row['lr']:g})")
-                    for reference in ("lora", "cola_basic"):
-                        diff = row.get(f"paired_diff_vs_{reference}")
-                        cells.append("–" if diff is None else f"{diff['mean']:+.4f} ± {diff['std']:.4f}")
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
+                f"{task} " + " / ".join(f"{share} {value:.4f}" for share, value in v.items()) for task, v in reference.items()), ""]
+        for task, rows in tasks.items():
+            if task == "_no_finetuning":
+                continue
+            seeded = any("runs" in row[metric] if metric in row else False for row in rows.values())
+            if not seeded:  # lr search only
+                lines += [f"**{base} / {task}**: val loss at the best lr (seed 0)", "", "| method | val | lr |", "|---|---|---|"]
+                lines += [f"| {m} | {row['val_loss']['mean']:.4f} | {row['lr']:g} |" for m, row in rows.items()]
+                lines.append("")
+                continue
+            by_task = next((row.get(f"{name}_loss_by_task") for row in rows.values() if row.get(f"{name}_loss_by_task")), None)
+            lines += [f"**{base} / {task}**: {name} loss, mean ± std over seeds "
+                      f"{next(iter(rows.values())).get('seeds')}; Δ = paired difference (method − reference), mean ± std; "
+                      "lr (and LoRA+ ratio) chosen on val; best peer = the peer with the lowest val loss", "",
+                      f"| method | {name} | Δ vs LoRA | Δ vs best peer | Δ vs CoLA-basic | rank | lr | params |"
+                      + ("".join(f" {part} |" for part in by_task) if by_task else ""),
+                      "|---|---|---|---|---|---|---|---|" + ("---|" * len(by_task) if by_task else "")]
+            for method, row in sorted(rows.items(), key=lambda item: item[1].get("rank", 10**6)):
+                if metric not in row or "runs" not in row[metric]:
+                    continue
+                cells = [f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f}"]
+                for label in ("lora", "best_peer", "cola_basic"):
+                    diff = row.get(f"paired_diff_vs_{label}")
+                    cells.append("–" if diff is None else f"{diff['mean']:+.4f} ± {diff['std']:.4f}"
+                                 + (f" ({diff['reference']})" if label == "best_peer" else ""))
+                label = method + (f" ({row['member']})" if "member" in row else "")
+                cells += [str(row.get("rank", "")), f"{row['lr']:g}", f"{row.get('params', 0):,}"]
+                if by_task:
+                    cells += [f"{row[f'{name}_loss_by_task'][part]['mean']:.4f}" for part in by_task]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -429,17 +602,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["compare", "teacher", "all"], default="compare")
     parser.add_argument("--bases", default="pretrained,outliers", help="testbed bases (comma-separated)")
-    parser.add_argument("--tasks", default=",".join(testbed.TASKS), help="tasks (comma-separated)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (comma-separated) from {list(METHODS)}")
+    parser.add_argument("--tasks", default=",".join([*testbed.TASKS, *TASK_GROUPS]),
+                        help=f"tasks (comma-separated) from {[*testbed.TASKS, *TASK_GROUPS]}, or 'a+b' for a mixture")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"methods (comma-separated) from {list(METHODS)}; a family name {list(FAMILIES)} "
+                             "stands for its members")
+    parser.add_argument("--lod_sweep", default="", help="a method with layer-wise allocation: add it at every "
+                        f"lod_threshold_M {LOD_SWEEP['M']} x lod_reference {LOD_SWEEP['reference']} (use with --screen)")
     parser.add_argument("--extra", action="append", default=[],
                         help="an extra CoLA method 'name:key=value,...' (AiraMoeConfig keys over CoLA 2x3 r=4)")
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid (extended past a winning edge)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per method at the chosen lr (part compare)")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="seeds 1..N per method at the chosen lr (part compare; seed 0 chooses the lr)")
     parser.add_argument("--steps", type=int, default=120, help="fine-tuning steps per run")
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     parser.add_argument("--eval_chunks", type=int, default=128, help="val/test sequences scored per run")
     parser.add_argument("--screen", action="store_true",
-                        help="report the val split only (for choosing defaults); with --seeds 1, just the lr search")
+                        help="report the val split only (for choosing defaults); with --seeds 0, just the lr search (seed 0)")
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--cache", default=os.path.join(ROOT, "outputs", "quality_runs.jsonl"), help="JSONL run cache ('' = none)")
     parser.add_argument("--tag", default="", help="kept in every run's cache key (change it after changing the code)")
@@ -448,22 +627,40 @@ def main(argv=None):
     parser.add_argument("--pretrain_steps", type=int, default=testbed.BUILD["pretrain_steps"])
     parser.add_argument("--teacher_steps", type=int, default=300)
     parser.add_argument("--out", default="", help="JSON results; a markdown table is printed (and written next to it)")
+    parser.add_argument("--note", default="", help="a line kept in the JSON and at the top of the markdown (e.g. "
+                        "what a partial run covers)")
     args = parser.parse_args(argv)
     args.bases, args.tasks = args.bases.split(","), args.tasks.split(",")
     args.lrs = [float(v) for v in args.lrs.split(",")]
-    methods = {name: METHODS[name] for name in args.methods.split(",") if name}
+    names = [member for name in args.methods.split(",") if name for member in FAMILIES.get(name, [name])]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {list(METHODS)} and families {list(FAMILIES)}")
+    for task in args.tasks:
+        if any(part not in testbed.TASKS for part in task_parts(task)):
+            parser.error(f"--tasks: unknown {task!r}; known: {[*testbed.TASKS, *TASK_GROUPS]} or 'a+b'")
+    methods = {name: METHODS[name] for name in names}
+    if args.lod_sweep:
+        if args.lod_sweep not in METHODS:
+            parser.error(f"--lod_sweep: unknown method {args.lod_sweep!r}")
+        try:
+            methods.update(lod_sweep_methods(args.lod_sweep, METHODS[args.lod_sweep]))
+        except ValueError as error:
+            parser.error(str(error))
     for spec in args.extra:
         name, kwargs = parse_extra(spec)
         methods[name] = kwargs
     start = time.perf_counter()
     result = {"device": device_name(torch.device("cpu")) + f", {args.workers} worker processes x 1 thread",
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}}
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}, "note": args.note}
     if args.part in ("compare", "all"):
         manifest = testbed.build(args.testbed_dir, args.data_dir, {**testbed.BUILD, "pretrain_steps": args.pretrain_steps})
         result["testbed"] = {k: manifest[k] for k in ("settings", "stats", "planted", "split_sizes", "chunks")}
         result["compare"] = compare(args, manifest, methods)
         table = markdown(json.loads(json.dumps(result["compare"])), args.screen)
+        if args.note:
+            table = f"{args.note}\n\n{table}"
         print("\n" + table)
         if args.out:
             with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:

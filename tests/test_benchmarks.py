@@ -78,9 +78,12 @@ def test_quality_compare_reduced(tmp_path):
     out = tmp_path / "quality.json"
     run("quality.py", "--part", "compare", "--bases", "pretrained,outliers", "--tasks", "finance",
         "--methods", "lora,cola_basic,aira_full", "--lrs", "3e-3", "--seeds", "2", "--steps", "2", "--batch", "2",
-        "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache", "",
-        "--workers", "1", "--out", str(out))
+        "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache",
+        str(tmp_path / "runs.jsonl"), "--workers", "1", "--out", str(out))
     result = json.loads(out.read_text())
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    # the lr search (seed 0) never scored test; the reported seeds 1..2 did
+    assert {(row["seed"], "test_loss" in row) for row in runs} == {(0, False), (1, True), (2, True)}
     cell = result["compare"]["outliers"]["finance"]
     assert set(cell) == {"lora", "cola_basic", "aira_full"}
     assert len({row["params"] for row in cell.values()}) == 1  # equal trainable parameters, checked by the harness
@@ -89,3 +92,84 @@ def test_quality_compare_reduced(tmp_path):
     # the planted outlier channels are really there (the build itself checks that they leave the function unchanged)
     assert max(row["max_over_median"] for row in stats["outliers"]) > 20
     assert (tmp_path / "quality.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- quality.py in-process
+
+@pytest.fixture(scope="module")
+def quality_module():
+    sys.path.insert(0, BENCH)
+    import quality
+
+    return quality
+
+
+@pytest.fixture(scope="module")
+def tiny_testbed(tmp_path_factory):
+    """A tiny Llama and a token file with task 't'; its test split holds ids past the vocabulary, so any attempt to
+    score it raises (the embedding lookup fails)."""
+    import torch
+    from conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny_testbed")
+    make_tiny_llama(num_layers=2).save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(0)
+    tokens = {f"t/{share}": torch.randint(0, 128, (16, 24), generator=gen) for share in ("train", "val")}
+    tokens["u/train"] = torch.randint(0, 128, (16, 24), generator=gen)
+    tokens["u/val"] = torch.randint(0, 128, (16, 24), generator=gen)
+    tokens["t/test"] = tokens["u/test"] = torch.full((4, 24), 10_000)
+    torch.save(tokens, root / "tokens.pt")
+    return {"tokens": str(root / "tokens.pt"), "base_dir": str(root / "base")}
+
+
+def tiny_job(tiny_testbed, method, overrides, evaluate=("val",), task="t"):
+    return {"base": "tiny", "task": task, "method": method, "overrides": overrides, "lr": 1e-3, "seed": 0,
+            "evaluate": list(evaluate), "steps": 3, "batch": 4, "eval_chunks": 4, "threads": 1, **tiny_testbed}
+
+
+def test_selection_runs_never_score_the_test_split(quality_module, tiny_testbed):
+    row = quality_module.run_one(tiny_job(tiny_testbed, "lora", None))
+    assert "test_loss" not in row and row["val_loss"] > 0
+    with pytest.raises(IndexError):  # the poisoned test split really would fail if it were scored
+        quality_module.run_one(tiny_job(tiny_testbed, "lora", None, evaluate=("val", "test")))
+
+
+def test_multitask_cell_trains_on_the_union_and_scores_each_task(quality_module, tiny_testbed):
+    row = quality_module.run_one(tiny_job(tiny_testbed, "lora", None, task="t+u"))
+    by_task = row["val_loss_by_task"]
+    assert set(by_task) == {"t", "u"} and row["val_loss"] == pytest.approx((by_task["t"] + by_task["u"]) / 2)
+    assert quality_module.task_parts("multitask") == ["medicine", "math", "finance"]
+
+
+@pytest.mark.parametrize("method", ["loraplus_4", "pissa", "eva", "corda", "aira_heuristic", "aira_1x1_no_awsvd",
+                                    "cola_routed"])
+def test_peers_and_forms_run_at_the_lora_budget(quality_module, tiny_testbed, method):
+    """Each peer through its library's public API, on the harness's budget (LoRA r=10 on the same projections)."""
+    row = quality_module.run_one(tiny_job(tiny_testbed, method, quality_module.METHODS[method]))
+    budget = 2 * 10 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))  # 2 layers x r=10: q/o, k/v, gate/up/down
+    assert row["params_budget"] == budget == 20_480
+    tolerance = quality_module.REDISTRIBUTED_PARAMS_TOLERANCE if method in ("eva", "cola_routed") else 0.0
+    assert abs(row["params"] - budget) <= tolerance * budget and row["val_loss"] > 0
+    if method == "cola_routed":  # r=3 experts (3/4 of CoLA r=4's 20,480) + a router of 6 x (in + 1) per module
+        assert row["params"] == 3 * 20_480 // 4 + 2 * 6 * (2 * 64 + 2 * 64 + 2 * 64 + 128 + 7) == 21_588
+
+
+def test_loraplus_puts_ratio_times_lr_on_B(quality_module):
+    from peft import LoraConfig, get_peft_model
+    from conftest import make_tiny_llama
+
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = quality_module.make_optimizer(model, 1e-3, loraplus_lr_ratio=8)
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert lrs[id(param)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
+
+
+def test_lod_sweep_is_every_threshold_times_reference(quality_module):
+    sweep = quality_module.lod_sweep_methods("aira_full", quality_module.METHODS["aira_full"])
+    assert len(sweep) == 10
+    assert sweep["aira_full_lod_mean_M3"] == {**quality_module.METHODS["aira_full"], "lod_reference": "mean",
+                                               "lod_threshold_M": 3.0}
+    with pytest.raises(ValueError, match="use_layer_wise_rank"):
+        quality_module.lod_sweep_methods("cola_basic", {})

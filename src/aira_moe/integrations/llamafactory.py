@@ -33,6 +33,7 @@ from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
 from ..adapter_paths import AdapterFileError, read_json_file, require_adapter_dirs
+from ..tuner.collaboration import full_equivalence_note
 from .arguments import AiraMoeArguments, peft_config_from_args
 from .output_dir import OutputDirInUseError, choose_complete_checkpoint, lock_output_dir
 
@@ -100,6 +101,9 @@ def _make_arguments_class(base):
             config = peft_config_from_args(self)  # parses and validates every aira_moe key, naming it
             self.rank_budget = config.rank_budget  # an int or 'auto' from here on (the early budget check reads it)
             self.activation_normalize = config.activation_normalize
+            note = full_equivalence_note(config.num_A, config.num_B, config.r, config.cola_strategy)
+            if note:  # one line per parse: `llamafactory-cli train` and `aira-moe check` both come through here
+                logger.info(note)
 
     AiraMoeFinetuningArguments.__name__ = "FinetuningArguments"
     AiraMoeFinetuningArguments.__qualname__ = "FinetuningArguments"

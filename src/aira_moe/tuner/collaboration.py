@@ -21,6 +21,19 @@ import math
 import torch
 
 
+def full_equivalence_note(num_A: int, num_B: int, r: int, cola_strategy: str) -> str | None:
+    """The one-line statement (logged by the LLaMA-Factory parser and ``aira-moe check``) that ``full`` with more than
+    one expert trains exactly a rank-r LoRA; None when it does not apply. The derivation: docs/method.md."""
+    if cola_strategy != "full" or num_A * num_B <= 1:
+        return None
+    return (f"cola_strategy 'full' with num_A={num_A}, num_B={num_B} trains exactly a rank-{r} LoRA (each layer's "
+            f"allocated rank with layer-wise rank) started at A=sum(A_i), B=sum(B_j) with {num_A}x the learning rate "
+            f"on A and {num_B}x on B (weight decay and an active gradient clip differ slightly): no capacity beyond "
+            f"rank {r}, for between {min(num_A, num_B)}x and {max(num_A, num_B)}x its trainable parameters and "
+            f"optimizer state; `heuristic`/`random` reach rank {min(num_A, num_B) * r}, and `num_A: 1, num_B: 1` "
+            "spends the same parameters on a higher rank (docs/method.md).")
+
+
 def heuristic_pairing(num_A: int, num_B: int) -> torch.Tensor:
     """M for the ``heuristic`` strategy: with k = num_B // num_A, A_i drives B_{i*k} .. B_{i*k+k-1}; a leftover B
     with index idx >= num_A*k pairs with A_{idx - num_A*k}. Every row (B) has exactly one 1."""
