@@ -18,6 +18,14 @@ pytestmark = pytest.mark.slow
 # no calibration: the adapter starts at zero, so the policy equals the reference at step 1
 PLAIN = {"use_layer_wise_rank": False, "use_awsvd_init": False, "use_activation_aware": False, "lora_rank": 2,
          "num_A": 2, "num_B": 2}
+# ALL_TECHNIQUES' keys that only act under a switch PLAIN turns off (set with the switch off, they are refused)
+SWITCHED_OFF = ("rank_budget", "min_rank", "max_rank", "objective_function", "awsvd_collect_steps",
+                "activation_aware_mode")
+
+
+def plain_args(assets, output_dir, **overrides):
+    args = train_args(assets, output_dir, **PLAIN, **overrides)
+    return {key: value for key, value in args.items() if key not in SWITCHED_OFF}
 NO_COPY = "the reference model is the base model with the adapter disabled"
 TRL_PIN_CLASH = "LLaMA-Factory ppo requires TRL version >=0.8.6,<=0.9.6"
 
@@ -43,8 +51,8 @@ def test_kto_uses_the_disabled_adapter_as_reference(assets, tmp_path):
     write_dataset(tmp_path / "data", "kto", rows, {"columns": {"prompt": "instruction", "query": "input",
                                                                "response": "output", "kto_tag": "label"}})
     out = tmp_path / "kto"
-    args = train_args(assets, out, stage="kto", dataset="kto", dataset_dir=str(tmp_path / "data"), max_steps=2,
-                      save_steps=2, per_device_train_batch_size=4, pref_beta=0.1, **PLAIN)
+    args = plain_args(assets, out, stage="kto", dataset="kto", dataset_dir=str(tmp_path / "data"), max_steps=2,
+                      save_steps=2, per_device_train_batch_size=4, pref_beta=0.1)
     _, log = run_cli("train", args, tmp_path)
     assert NO_COPY in log and "Created reference model" not in log
     assert (out / "adapter_model.safetensors").is_file()
@@ -73,10 +81,10 @@ def test_ppo(assets, tmp_path, finetuning_type):
     write_dataset(tmp_path / "data", "prompts", rows, {"columns": {"prompt": "instruction", "query": "input",
                                                                    "response": "output"}})
     out = tmp_path / "ppo"
-    args = train_args(assets, out, stage="ppo", dataset="prompts", dataset_dir=str(tmp_path / "data"), max_steps=2,
+    args = plain_args(assets, out, stage="ppo", dataset="prompts", dataset_dir=str(tmp_path / "data"), max_steps=2,
                       save_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                       reward_model=tiny_reward_model(assets, tmp_path / "reward"), reward_model_type="full",
-                      max_new_tokens=4, top_k=0, top_p=1.0, plot_loss=False, **PLAIN)
+                      max_new_tokens=4, top_k=0, top_p=1.0, plot_loss=False)
     if finetuning_type == "lora":  # the same run with LLaMA-Factory's own LoRA, for comparison
         args = {key: value for key, value in args.items() if key not in ALL_TECHNIQUES}
         args.update(finetuning_type="lora", lora_rank=2, lora_alpha=8, lora_target="all")

@@ -55,9 +55,10 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 class AiraMoeLayer(BaseTunerLayer):
-    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts ('routed': and the
-    # router's weight and bias)
-    adapter_layer_names = ("aira_moe_A", "aira_moe_B", "aira_moe_router_weight", "aira_moe_router_bias")
+    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts; a layer that holds a
+    # 'routed' adapter adds ROUTER_LAYER_NAMES (see _add_router_tables)
+    adapter_layer_names = ("aira_moe_A", "aira_moe_B")
+    ROUTER_LAYER_NAMES = ("aira_moe_router_weight", "aira_moe_router_bias")
     other_param_names = (
         "r",
         "lora_alpha",
@@ -80,8 +81,6 @@ class AiraMoeLayer(BaseTunerLayer):
         self.activation_mode: dict[str, str] = {}
         self.aira_moe_A = nn.ParameterDict({})  # adapter -> (num_A, r, in)
         self.aira_moe_B = nn.ParameterDict({})  # adapter -> (num_B, out, r)
-        self.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in), 'routed' only
-        self.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
         self.aira_moe_dropout = nn.ModuleDict({})
         # fixed per-channel weights of the update (activation-aware weighting); shipped with the adapter
         self.aira_moe_channel_scale = BufferDict({}, persistent=True)
@@ -161,6 +160,7 @@ class AiraMoeLayer(BaseTunerLayer):
         if pairing is not None:
             self.aira_moe_pairing[adapter_name] = pairing
         if strategy.token_dependent:
+            self._add_router_tables()
             self.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, self.in_features))
             self.aira_moe_router_bias[adapter_name] = nn.Parameter(torch.zeros(num_B * num_A))
         self.activation_mode[adapter_name] = activation_mode
@@ -186,11 +186,22 @@ class AiraMoeLayer(BaseTunerLayer):
                 experts_B.zero_()
             else:
                 nn.init.normal_(experts_B, std=1.0 / math.sqrt(experts_B.shape[-1]))
-            if adapter_name in self.aira_moe_router_weight:
+            if adapter_name in getattr(self, "aira_moe_router_weight", ()):
                 # nn.Linear's init, from the same seeded generator as the A experts: random, so that pairs sharing
                 # an A do not start with equal gates (with B = 0 they would get equal gradients and stay equal)
                 nn.init.kaiming_uniform_(self.aira_moe_router_weight[adapter_name], a=math.sqrt(5))
                 self.aira_moe_router_bias[adapter_name].zero_()
+
+    def _add_router_tables(self) -> None:
+        """The router's per-adapter tables, made on a layer's first 'routed' adapter only: every submodule, even an
+        empty ParameterDict, costs host time on each of the Trainer's per-step walks over the model (train(),
+        parameters()), ~50 Python calls a step per table (tests/test_op_count.py counts them)."""
+        if "aira_moe_router_weight" in self._modules:
+            return
+        self.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in)
+        self.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
+        # an instance attribute: peft's set_adapter / delete_adapter / device moves then cover the router too
+        self.adapter_layer_names = (*type(self).adapter_layer_names, *self.ROUTER_LAYER_NAMES)
 
     def set_channel_scale(self, adapter_name: str, scale: torch.Tensor) -> None:
         """Set the fixed per-channel weights of the update (activation-aware weighting)."""
