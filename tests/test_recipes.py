@@ -175,15 +175,18 @@ def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
     ("use_layer_wise_rank=false", r"`rank_budget`=256, `min_rank`=4, `max_rank`=64 have no effect without "
                                   r"`use_layer_wise_rank: true`; set that or remove them\.$"),
 ])
-def test_check_names_the_bad_key_in_one_line(override, message, tmp_path):
+def test_check_names_the_bad_key_in_one_line(override, message, tmp_path, monkeypatch, capsys):
+    """In process (the `aira-moe check` process itself, with its exit 2, is test_bad_recipe_value_exits_2_...)."""
     pytest.importorskip("llamafactory")
-    result = subprocess.run(["aira-moe", "check", os.path.join(REPO, "configs", "math.yaml"), "bf16=false",
-                             f"output_dir={tmp_path / 'out'}", f"dataset_dir={os.path.join(REPO, 'data')}", override],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("aira-moe check:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    from aira_moe.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    code = cli_main(["check", os.path.join(REPO, "configs", "math.yaml"), "bf16=false", f"output_dir={tmp_path / 'out'}",
+                     f"dataset_dir={os.path.join(REPO, 'data')}", override])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("aira-moe check:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), stderr[-2000:]
 
 
 @pytest.mark.parametrize("override,message", [
