@@ -108,6 +108,8 @@ METHODS = {
     # a per-token router over the 6 pairs (dense gates). The router adds 6 x (in + 1) parameters a module (24,744
     # here), so r=3: 61,440 + 24,744 = 86,184, +5.2 % over the budget -- the nearest equal-parameter form
     "cola_routed": {"cola_strategy": "routed", "r": 3, "lora_alpha": 6},
+    # the same router with every technique (layer-wise ranks under the r=3 budget, AwSVD on the A side, weighting)
+    "aira_routed": {**EVERY_TECHNIQUE, "cola_strategy": "routed", "r": 3, "lora_alpha": 6},
 }
 # a family is one reported method whose members differ by a hyper-parameter chosen on val with the learning rate
 FAMILIES = {"loraplus": ["loraplus_2", "loraplus_4", "loraplus_8", "loraplus_16"]}
@@ -460,9 +462,43 @@ def compare(args, manifest: dict, methods: dict) -> dict:
     return results
 
 
+def overview(results: dict, screen: bool) -> list[str]:
+    """One line per method across every (base, task) cell: its paired difference to LoRA and its rank there; a
+    difference counts as ahead / behind only when it is larger than its std (else a tie)."""
+    metric = "val_loss" if screen else "test_loss"
+    cells = [(base, task) for base, tasks in results.items() for task in tasks if task != "_no_finetuning"]
+    methods = []
+    for base, task in cells:
+        methods += [m for m, row in results[base][task].items() if "runs" in row.get(metric, {}) and m not in methods]
+    if len(cells) < 2 or not methods:
+        return []
+    lines = ["**All cells**: Δ vs LoRA (paired, mean ± std over the seeds) and rank among the methods of the cell; "
+             "ahead / behind = |Δ| larger than its std, else a tie", "",
+             "| method | " + " | ".join(f"{base} / {task}" for base, task in cells) + " | ahead / tie / behind |",
+             "|---|" + "---|" * (len(cells) + 1)]
+    for method in methods:
+        entries, tally = [], [0, 0, 0]
+        for base, task in cells:
+            row = results[base][task].get(method)
+            if row is None or "rank" not in row:
+                entries.append("–")
+                continue
+            diff = row.get("paired_diff_vs_lora")
+            if diff is None:
+                entries.append(f"– ({row['rank']})")
+                continue
+            verdict = 0 if diff["mean"] < -diff["std"] else 2 if diff["mean"] > diff["std"] else 1
+            tally[verdict] += 1
+            text = f"{diff['mean']:+.4f} ± {diff['std']:.4f} ({row['rank']})"
+            entries.append(f"**{text}**" if verdict == 0 else text)
+        lines.append(f"| {method} | " + " | ".join(entries) + f" | {tally[0]} / {tally[1]} / {tally[2]} |")
+    return lines + [""]
+
+
 def markdown(results: dict, screen: bool) -> str:
-    """One table per (base, task): loss mean +- std over the seeds, paired differences, rank, lr, parameters."""
-    lines = []
+    """One table per (base, task): loss mean +- std over the seeds, paired differences, rank, lr, parameters; first,
+    the overview across cells."""
+    lines = overview(results, screen)
     metric = "val_loss" if screen else "test_loss"
     name = "val" if screen else "test"
     for base, tasks in results.items():

@@ -66,7 +66,7 @@ def test_calibration_time_reduced(tmp_path):
 
 def test_quality_teacher_reduced(tmp_path):
     out = tmp_path / "quality.json"
-    run("quality.py", "--part", "teacher", "--seeds", "1", "--steps", "3", "--out", str(out))
+    run("quality.py", "--part", "teacher", "--seeds", "1", "--teacher_steps", "3", "--out", str(out))
     teacher = json.loads(out.read_text())["teacher"]
     params = {row["params"] for row in teacher.values()}
     assert len(params) == 1  # every method at the same parameter budget
@@ -142,15 +142,15 @@ def test_multitask_cell_trains_on_the_union_and_scores_each_task(quality_module,
 
 
 @pytest.mark.parametrize("method", ["loraplus_4", "pissa", "eva", "corda", "aira_heuristic", "aira_1x1_no_awsvd",
-                                    "cola_routed"])
+                                    "cola_routed", "aira_routed"])
 def test_peers_and_forms_run_at_the_lora_budget(quality_module, tiny_testbed, method):
     """Each peer through its library's public API, on the harness's budget (LoRA r=10 on the same projections)."""
     row = quality_module.run_one(tiny_job(tiny_testbed, method, quality_module.METHODS[method]))
     budget = 2 * 10 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))  # 2 layers x r=10: q/o, k/v, gate/up/down
     assert row["params_budget"] == budget == 20_480
-    tolerance = quality_module.REDISTRIBUTED_PARAMS_TOLERANCE if method in ("eva", "cola_routed") else 0.0
+    tolerance = quality_module.REDISTRIBUTED_PARAMS_TOLERANCE if method in ("eva", "cola_routed", "aira_routed") else 0.0
     assert abs(row["params"] - budget) <= tolerance * budget and row["val_loss"] > 0
-    if method == "cola_routed":  # r=3 experts (3/4 of CoLA r=4's 20,480) + a router of 6 x (in + 1) per module
+    if method in ("cola_routed", "aira_routed"):  # layer-wise ranks keep the sum; r=3 experts (3/4 of CoLA r=4's 20,480) + a router of 6 x (in + 1) per module
         assert row["params"] == 3 * 20_480 // 4 + 2 * 6 * (2 * 64 + 2 * 64 + 2 * 64 + 128 + 7) == 21_588
 
 
@@ -173,3 +173,20 @@ def test_lod_sweep_is_every_threshold_times_reference(quality_module):
                                                "lod_threshold_M": 3.0}
     with pytest.raises(ValueError, match="use_layer_wise_rank"):
         quality_module.lod_sweep_methods("cola_basic", {})
+
+
+def test_overview_tallies_each_cell_against_lora(quality_module):
+    def row(rank, diff=None):
+        out = {"test_loss": {"mean": 1.0, "std": 0.0, "runs": [1.0, 1.0]}, "rank": rank}
+        if diff is not None:
+            out["paired_diff_vs_lora"] = {"mean": diff[0], "std": diff[1], "runs": []}
+        return out
+
+    results = {"b": {"_no_finetuning": {}, "x": {"lora": row(2), "m": row(1, (-0.004, 0.001))},
+                     "y": {"lora": row(1), "m": row(2, (0.002, 0.003))}},
+               "c": {"x": {"lora": row(1), "m": row(2, (0.005, 0.001))}}}
+    lines = quality_module.overview(results, screen=False)
+    assert lines[2] == "| method | b / x | b / y | c / x | ahead / tie / behind |"
+    assert lines[4] == "| lora | – (2) | – (1) | – (1) | 0 / 0 / 0 |"
+    assert lines[5] == "| m | **-0.0040 ± 0.0010 (1)** | +0.0020 ± 0.0030 (2) | +0.0050 ± 0.0010 (2) | 1 / 1 / 1 |"
+    assert quality_module.overview({"b": {"x": results["b"]["x"]}}, screen=False) == []  # one cell: no overview

@@ -299,9 +299,9 @@ def test_routed_step_is_a_fixed_number_of_ops_whatever_the_number_of_experts():
 def test_llamafactory_seam_adds_the_routing_loss_with_its_micro_batch_share(input_ids):
     """The forward hook the seam puts on the PeftModel: training output loss + coef * aux, times this micro-batch's
     share of the accumulated batch's tokens when the Trainer passes ``num_items_in_batch``; eval untouched."""
-    from aira_moe.integrations.llamafactory import _add_routing_loss_to_training_loss
+    from aira_moe.integrations.routed_training import add_routing_loss_to_training_loss
 
-    assert _add_routing_loss_to_training_loss(get_peft_model(make_tiny_llama(), AiraMoeConfig(
+    assert add_routing_loss_to_training_loss(get_peft_model(make_tiny_llama(), AiraMoeConfig(
         target_modules=ALL_TARGETS))) is None  # nothing for a fixed strategy
     model = routed_llama(router_top_k=1, router_aux_loss_coef=0.5, init_weights=False).train()
     labels = input_ids.clone()
@@ -309,7 +309,7 @@ def test_llamafactory_seam_adds_the_routing_loss_with_its_micro_batch_share(inpu
     plain = model(input_ids=input_ids, labels=labels).loss
     aux = model.base_model.routing_loss()
     assert aux.item() > 0
-    handle = _add_routing_loss_to_training_loss(model)
+    handle = add_routing_loss_to_training_loss(model)
     torch.testing.assert_close(model(input_ids=input_ids, labels=labels).loss, plain + aux, rtol=0, atol=1e-6)
     # the Trainer's loss kwargs: the model then sums its token losses over num_items_in_batch (here 4 micro-batches)
     summed = model(input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(56)).loss
@@ -317,7 +317,23 @@ def test_llamafactory_seam_adds_the_routing_loss_with_its_micro_batch_share(inpu
     plain_summed = model(input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(56)).loss
     torch.testing.assert_close(summed, plain_summed + aux * 14 / 56, rtol=0, atol=1e-6)
     model.eval()
-    handle = _add_routing_loss_to_training_loss(model)
+    handle = add_routing_loss_to_training_loss(model)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids, labels=labels).loss, plain, rtol=0, atol=1e-6)
     handle.remove()
+
+
+def test_a_routed_adapter_in_an_adapter_folder_is_found(tmp_path):
+    """LLaMA-Factory's ``adapter_folder`` (a subfolder of every adapter path) is where the seam looks for a routed
+    adapter, so export refuses it and inference keeps it unmerged as for one at the top level."""
+    import json
+
+    from aira_moe.integrations.routed_training import token_dependent_adapters
+
+    for name, strategy in (("routed", "routed"), ("full", "full")):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "AIRA_MOE", "cola_strategy": strategy}))
+    paths = [str(tmp_path / "full"), str(tmp_path / "routed")]
+    assert token_dependent_adapters(paths, "sub") == [str(tmp_path / "routed")]
+    assert token_dependent_adapters(paths) == []  # no adapter_config.json at the top level

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from typing import Literal, Optional
 from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
-from ..adapter_paths import AdapterFileError, read_json_file, require_adapter_dirs
+from ..adapter_paths import AdapterFileError, require_adapter_dirs
+from . import preflight, routed_training
 from ..tuner.collaboration import full_equivalence_note
 from .arguments import AiraMoeArguments, peft_config_from_args
 from .output_dir import OutputDirInUseError, choose_complete_checkpoint, lock_output_dir
@@ -127,76 +127,6 @@ def _refuse_aira_moe_keys_elsewhere(args) -> None:
         )
 
 
-def _count_decoder_layers(model_name_or_path: str) -> Optional[int]:
-    """num_hidden_layers from the model's config.json (cheap: no weights), or None when it cannot be read locally."""
-    path = os.path.join(model_name_or_path, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    config = config.get("text_config", config)
-    return config.get("num_hidden_layers")
-
-
-def _check_budget_early(model_args, finetuning_args) -> None:
-    from ..calibration.allocation import resolve_budget
-
-    if not finetuning_args.use_layer_wise_rank or model_args.adapter_name_or_path:
-        return
-    num_layers = _count_decoder_layers(model_args.model_name_or_path)
-    if num_layers is None:
-        return  # a hub id: checked again, against the loaded model, before calibration
-    resolve_budget(finetuning_args.rank_budget, num_layers, finetuning_args.lora_rank, finetuning_args.min_rank,
-                   finetuning_args.max_rank)
-
-
-def _check_lora_target(model_args, finetuning_args) -> None:
-    """Every ``lora_target`` name must match a Linear module of the model (peft's rule: the full name or its dotted
-    suffix). Read from a local config.json on the meta device, so no weight is loaded; a hub id, or a config that is
-    not a causal LM (a vision-language model is loaded by another class), is checked when the model loads."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    targets = list(finetuning_args.lora_target)
-    path = model_args.model_name_or_path
-    if targets == ["all"] or not os.path.isfile(os.path.join(path, "config.json")):
-        return
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    missing = [target for target in targets
-               if not any(name == target or name.endswith("." + target) for name in linear)]
-    if missing:
-        available = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ValueError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
-                         f"{', '.join(available)}; or `lora_target: all`)")
-
-
-def _check_datasets(args: dict) -> int:
-    """Every name in ``dataset`` / ``eval_dataset`` must be registered in ``dataset_dir``/dataset_info.json."""
-    dataset_dir = args.get("dataset_dir", "data")
-    names = []
-    for key in ("dataset", "eval_dataset"):
-        value = args.get(key) or []
-        names += [(key, name.strip()) for name in (value.split(",") if isinstance(value, str) else value) if name.strip()]
-    if not names or dataset_dir == "ONLINE":
-        return len(names)
-    info_path = os.path.join(dataset_dir, "dataset_info.json")
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"no dataset_info.json in `dataset_dir`={os.path.abspath(dataset_dir)!r}")
-    with open(info_path, encoding="utf-8") as handle:
-        known = json.load(handle)
-    for key, name in names:
-        if name not in known:
-            raise ValueError(f"`{key}` {name!r} is not registered in {os.path.abspath(info_path)} "
-                             f"(known: {', '.join(sorted(known))})")
-    return len(names)
-
-
 class CompletedRunError(ValueError):
     """``output_dir`` holds this same run, finished: training it would do nothing (see _stop_if_run_is_complete)."""
 
@@ -209,7 +139,7 @@ def check_train_config(args: dict, refuse_complete_run: bool = False) -> str:
     Beyond the parse: every ``lora_target`` name against the model's modules (built on the meta device)."""
     from llamafactory.hparams import get_train_args
 
-    datasets = _check_datasets(args)
+    datasets = preflight.check_datasets(args)
     require_adapter_dirs(args.get("adapter_name_or_path"))
     deepspeed = args.get("deepspeed")
     if deepspeed and not os.path.isfile(deepspeed):
@@ -222,38 +152,11 @@ def check_train_config(args: dict, refuse_complete_run: bool = False) -> str:
     finally:
         _state.checking = False
     if _is_aira_moe(finetuning_args):
-        _check_lora_target(model_args, finetuning_args)
-        if refuse_complete_run and _completed_run(training_args) is not None:
+        preflight.check_lora_target(model_args, finetuning_args)
+        if refuse_complete_run and preflight.completed_run(training_args) is not None:
             raise CompletedRunError(f"the run in {training_args.output_dir} is complete; nothing would be trained")
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
-
-
-def _token_dependent_adapters(paths) -> list[str]:
-    """The local aira_moe adapters among ``paths`` whose update depends on the token ('routed'): never merged."""
-    from ..tuner.collaboration import get_strategy
-
-    found = []
-    for path in paths or []:
-        config_path = os.path.join(os.path.expanduser(path), "adapter_config.json")
-        if not os.path.isfile(config_path):
-            continue
-        config = read_json_file(config_path)
-        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
-            found.append(path)
-    return found
-
-
-def _refuse_merging_routed_export(model_args) -> None:
-    """``llamafactory-cli export`` merges the adapters into the weights: a routed one cannot be; one line, exit 2,
-    before the model is loaded."""
-    from ..tuner.collaboration import get_strategy
-
-    routed = _token_dependent_adapters(model_args.adapter_name_or_path) if model_args.export_dir else []
-    if routed:
-        refusal = get_strategy("routed").fixed_update_refusal("merged by `llamafactory-cli export`")
-        sys.stderr.write(f"aira_moe: {routed[0]}: {refusal}\n")
-        raise SystemExit(2)
 
 
 def _suggest_known_key(args: dict, parser) -> None:
@@ -291,7 +194,7 @@ def _patched_verify_model_args(original):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
         require_adapter_dirs(model_args.adapter_name_or_path, subfolder=model_args.adapter_folder)
-        _refuse_merging_routed_export(model_args)
+        routed_training.refuse_merging_routed_export(model_args)
         for key in ("use_unsloth", "use_kt"):  # their LoRA loaders build peft LoRA layers only
             if getattr(model_args, key, False):
                 raise ValueError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
@@ -315,7 +218,7 @@ def _patched_check_extra_dependencies(original):
         original(model_args, finetuning_args, training_args)
         if not _is_aira_moe(finetuning_args):
             return
-        _check_budget_early(model_args, finetuning_args)
+        preflight.check_budget_early(model_args, finetuning_args)
         if training_args is None:
             return
         from transformers.training_args import ParallelMode
@@ -326,7 +229,7 @@ def _patched_check_extra_dependencies(original):
                 lock_output_dir(training_args.output_dir, take=not _state.checking)
             choose_complete_checkpoint(training_args)
         _state.training_args = training_args
-        _use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args)
+        routed_training.use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args)
         # what get_train_args does for LoRA only: adapters have no unused parameters (experts are stacked), and
         # DDP + reentrant checkpointing dies with find_unused_parameters=True
         if training_args.parallel_mode == ParallelMode.DISTRIBUTED and training_args.ddp_find_unused_parameters is None:
@@ -336,42 +239,8 @@ def _patched_check_extra_dependencies(original):
     return check
 
 
-def _use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args) -> None:
-    """'routed' records its load-balancing loss inside the checkpointed decoder layers; reentrant checkpointing runs
-    them without autograd, so that loss could not train the router (LLaMA-Factory itself switches for fsdp2)."""
-    from ..tuner.collaboration import get_strategy
-
-    if get_strategy(finetuning_args.cola_strategy).token_dependent and model_args.use_reentrant_gc:
-        model_args.use_reentrant_gc = False
-        logger.info("aira_moe: `cola_strategy: routed` uses non-reentrant gradient checkpointing "
-                    "(`use_reentrant_gc` set to false) so that its load-balancing loss reaches the router.")
-
-
-def _completed_run(training_args) -> Optional[dict]:
-    """The trainer state of a finished run in ``output_dir`` that this run would only repeat, else None. A finished
-    run has its adapter, all_results.json and a trainer_state.json with global_step == max_steps; asking for more
-    steps than it ran is a continuation, not a repeat."""
-    directory = training_args.output_dir
-    if (not training_args.do_train or getattr(training_args, "overwrite_output_dir", False)
-            or training_args.resume_from_checkpoint is not None or not os.path.isdir(directory)):
-        return None
-    needed = ("trainer_state.json", "all_results.json", "adapter_config.json")
-    if not all(os.path.isfile(os.path.join(directory, name)) for name in needed):
-        return None
-    try:
-        state = read_json_file(os.path.join(directory, "trainer_state.json"))
-    except AdapterFileError:  # killed while writing it: the run did not finish
-        return None
-    done, planned = state.get("global_step", 0), state.get("max_steps", 0)
-    if planned <= 0 or done < planned:
-        return None
-    if training_args.max_steps > 0 and training_args.max_steps > planned:
-        return None
-    return state
-
-
 def _stop_if_run_is_complete(training_args) -> None:
-    state = _completed_run(training_args)
+    state = preflight.completed_run(training_args)
     if state is None:
         return
     logger.warning(
@@ -443,13 +312,13 @@ def _adapter_load_kwargs(model_args) -> dict:
     }
 
 
-def _is_mergeable(model, adapters: list) -> bool:
+def _is_mergeable(model, adapters: list, subfolder: Optional[str] = None) -> bool:
     """As for LoRA: adapters are merged into the base unless it is quantised (merging into a quantised weight is
     refused by the layer) or partitioned by ZeRO-3, or an adapter is 'routed' (no fixed update to merge); then exactly
     one adapter is loaded and kept unmerged."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    routed = _token_dependent_adapters(adapters)
+    routed = routed_training.token_dependent_adapters(adapters, subfolder)
     reason = ("the base model is quantised" if getattr(model, "quantization_method", None) else
               "DeepSpeed ZeRO-3 partitions the base model" if is_deepspeed_zero3_enabled() else
               f"{routed[0]} is a routed adapter, whose update depends on the token" if routed else None)
@@ -512,7 +381,7 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     adapters = list(model_args.adapter_name_or_path or [])
     load_kwargs = _adapter_load_kwargs(model_args)
     keep_last = bool(adapters) and ((is_trainable and not finetuning_args.create_new_adapter)
-                              or not _is_mergeable(model, adapters))
+                              or not _is_mergeable(model, adapters, model_args.adapter_folder))
     to_merge = adapters[:-1] if keep_last else adapters
     for path in to_merge:
         model = PeftModel.from_pretrained(model, path, **load_kwargs).merge_and_unload()
@@ -527,7 +396,7 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
 
     if not keep_last:
         model = _new_adapter(model, finetuning_args)
-    _add_routing_loss_to_training_loss(model)
+    routed_training.add_routing_loss_to_training_loss(model)
     if casts_trainable_params_to_fp32(model_args, finetuning_args, is_trainable):
         for param in model.parameters():
             if param.requires_grad:
@@ -535,58 +404,11 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     return model
 
 
-def _add_routing_loss_to_training_loss(model):
-    """'routed': add the routers' load-balancing loss (``AiraMoeModel.routing_loss``) to the loss in the model's output,
-    the loss every Trainer backpropagates -- a forward hook, so no trainer class is touched. When the Trainer normalises
-    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share.
-    Returns the hook's handle (None without a routed adapter)."""
-    from ..tuner.collaboration import get_strategy
-
-    tuner = model.base_model
-    if not any(get_strategy(config.cola_strategy).token_dependent for config in model.peft_config.values()):
-        return None
-
-    def add_routing_loss(module, args, kwargs, output):
-        if not module.training or not isinstance(output, dict) or output.get("loss") is None:
-            return None
-        extra = tuner.routing_loss()
-        if extra is None:
-            return None
-        items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
-        if items is not None and labels is not None:
-            extra = extra * (labels.ne(-100).sum() / items)
-        output["loss"] = output["loss"] + extra
-        return output
-
-    return model.register_forward_hook(add_routing_loss, with_kwargs=True)
-
-
-def _routing_log_callback():
-    """A TrainerCallback that adds the routed layers' means since the last log (router_aux_loss, routing_entropy,
-    expert_load_min / _max) to the Trainer's log history and prints them; nothing for other adapters."""
-    from transformers import TrainerCallback
-
-    class RoutingLogCallback(TrainerCallback):
-        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-            summary = getattr(getattr(model, "base_model", None), "routing_summary", dict)()
-            if not summary or logs is None or "loss" not in logs:
-                return
-            rounded = {key: round(value, 4) for key, value in summary.items()}
-            logs.update(rounded)
-            if state.log_history:
-                state.log_history[-1].update(rounded)
-            if state.is_world_process_zero:
-                logger.info("aira_moe routing at step %d: %s", state.global_step,
-                            ", ".join(f"{key} {value}" for key, value in rounded.items()))
-
-    return RoutingLogCallback()
-
-
 def _patched_training_function(original):
     @functools.wraps(original)
     def training_function(config):
         config = dict(config)
-        config["callbacks"] = [*(config.get("callbacks") or []), _routing_log_callback()]
+        config["callbacks"] = [*(config.get("callbacks") or []), routed_training.routing_log_callback()]
         return original(config)
 
     return training_function

@@ -1,0 +1,101 @@
+"""What the 'routed' strategy needs from a LLaMA-Factory run: its load-balancing loss in the training loss, its routing
+statistics in the log, non-reentrant checkpointing, and refusals to merge it. No llamafactory import."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from .._logging import get_logger
+from ..adapter_paths import read_json_file
+
+logger = get_logger()
+
+
+def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
+    """The local aira_moe adapters among ``paths`` (in their ``subfolder``, LLaMA-Factory's ``adapter_folder``, when
+    set) whose update depends on the token ('routed'): never merged."""
+    from ..tuner.collaboration import get_strategy
+
+    found = []
+    for path in paths or []:
+        config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
+        if not os.path.isfile(config_path):
+            continue
+        config = read_json_file(config_path)
+        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
+            found.append(path)
+    return found
+
+
+def refuse_merging_routed_export(model_args) -> None:
+    """``llamafactory-cli export`` merges the adapters into the weights: a routed one cannot be; one line, exit 2,
+    before the model is loaded."""
+    from ..tuner.collaboration import get_strategy
+
+    if not model_args.export_dir:
+        return
+    routed = token_dependent_adapters(model_args.adapter_name_or_path, model_args.adapter_folder)
+    if routed:
+        refusal = get_strategy("routed").fixed_update_refusal("merged by `llamafactory-cli export`")
+        sys.stderr.write(f"aira_moe: {routed[0]}: {refusal}\n")
+        raise SystemExit(2)
+
+
+def use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args) -> None:
+    """'routed' records its load-balancing loss inside the checkpointed decoder layers; reentrant checkpointing runs
+    them without autograd, so that loss could not train the router (LLaMA-Factory itself switches for fsdp2)."""
+    from ..tuner.collaboration import get_strategy
+
+    if get_strategy(finetuning_args.cola_strategy).token_dependent and model_args.use_reentrant_gc:
+        model_args.use_reentrant_gc = False
+        logger.info("aira_moe: `cola_strategy: routed` uses non-reentrant gradient checkpointing "
+                    "(`use_reentrant_gc` set to false) so that its load-balancing loss reaches the router.")
+
+
+def add_routing_loss_to_training_loss(model):
+    """'routed': add the routers' load-balancing loss (``AiraMoeModel.routing_loss``) to the loss in the model's output,
+    the loss every Trainer backpropagates -- a forward hook, so no trainer class is touched. When the Trainer normalises
+    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share.
+    Returns the hook's handle (None without a routed adapter)."""
+    from ..tuner.collaboration import get_strategy
+
+    tuner = model.base_model
+    if not any(get_strategy(config.cola_strategy).token_dependent for config in model.peft_config.values()):
+        return None
+
+    def add_routing_loss(module, args, kwargs, output):
+        if not module.training or not isinstance(output, dict) or output.get("loss") is None:
+            return None
+        extra = tuner.routing_loss()
+        if extra is None:
+            return None
+        items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+        if items is not None and labels is not None:
+            extra = extra * (labels.ne(-100).sum() / items)
+        output["loss"] = output["loss"] + extra
+        return output
+
+    return model.register_forward_hook(add_routing_loss, with_kwargs=True)
+
+
+def routing_log_callback():
+    """A TrainerCallback that adds the routed layers' means since the last log (router_aux_loss, routing_entropy,
+    expert_load_min / _max) to the Trainer's log history and prints them; nothing for other adapters."""
+    from transformers import TrainerCallback
+
+    class RoutingLogCallback(TrainerCallback):
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            summary = getattr(getattr(model, "base_model", None), "routing_summary", dict)()
+            if not summary or logs is None or "loss" not in logs:
+                return
+            rounded = {key: round(value, 4) for key, value in summary.items()}
+            logs.update(rounded)
+            if state.log_history:
+                state.log_history[-1].update(rounded)
+            if state.is_world_process_zero:
+                logger.info("aira_moe routing at step %d: %s", state.global_step,
+                            ", ".join(f"{key} {value}" for key, value in rounded.items()))
+
+    return RoutingLogCallback()
