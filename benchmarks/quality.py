@@ -110,7 +110,11 @@ METHODS = {
     "cola_routed": {"cola_strategy": "routed", "r": 3, "lora_alpha": 6},
     # the same router with every technique (layer-wise ranks under the r=3 budget, AwSVD on the A side, weighting)
     "aira_routed": {**EVERY_TECHNIQUE, "cola_strategy": "routed", "r": 3, "lora_alpha": 6},
+    # the parameter control for 'routed': LoRA r=11 has 90,112 parameters (+10 %), more than routed's +5.2 %
+    "lora_r11": {**PEER, "r": 11, "lora_alpha": 22},
 }
+# methods measured above the budget on purpose (a control, not a peer; allowed REDISTRIBUTED_PARAMS_TOLERANCE)
+PARAMETER_CONTROLS = ("lora_r11",)
 # a family is one reported method whose members differ by a hyper-parameter chosen on val with the learning rate
 FAMILIES = {"loraplus": ["loraplus_2", "loraplus_4", "loraplus_8", "loraplus_16"]}
 # the peers: the methods a user could run instead of aira_moe ("best peer" = lowest val loss among them)
@@ -256,7 +260,7 @@ def run_one(job: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
     redistributes = (getattr(config, "init_lora_weights", None) == "eva" and config.eva_config.rho > 1
-                     or getattr(config, "cola_strategy", None) == "routed")
+                     or getattr(config, "cola_strategy", None) == "routed" or job["method"] in PARAMETER_CONTROLS)
     tolerance = REDISTRIBUTED_PARAMS_TOLERANCE if redistributes else 0.0
     if abs(count - budget) > tolerance * budget:
         raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA['r']}), "

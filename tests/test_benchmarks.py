@@ -142,16 +142,18 @@ def test_multitask_cell_trains_on_the_union_and_scores_each_task(quality_module,
 
 
 @pytest.mark.parametrize("method", ["loraplus_4", "pissa", "eva", "corda", "aira_heuristic", "aira_1x1_no_awsvd",
-                                    "cola_routed", "aira_routed"])
+                                    "cola_routed", "aira_routed", "lora_r11"])
 def test_peers_and_forms_run_at_the_lora_budget(quality_module, tiny_testbed, method):
     """Each peer through its library's public API, on the harness's budget (LoRA r=10 on the same projections)."""
     row = quality_module.run_one(tiny_job(tiny_testbed, method, quality_module.METHODS[method]))
     budget = 2 * 10 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))  # 2 layers x r=10: q/o, k/v, gate/up/down
     assert row["params_budget"] == budget == 20_480
-    tolerance = quality_module.REDISTRIBUTED_PARAMS_TOLERANCE if method in ("eva", "cola_routed", "aira_routed") else 0.0
+    tolerance = quality_module.REDISTRIBUTED_PARAMS_TOLERANCE if method in ("eva", "cola_routed", "aira_routed", "lora_r11") else 0.0
     assert abs(row["params"] - budget) <= tolerance * budget and row["val_loss"] > 0
     if method in ("cola_routed", "aira_routed"):  # layer-wise ranks keep the sum; r=3 experts (3/4 of CoLA r=4's 20,480) + a router of 6 x (in + 1) per module
         assert row["params"] == 3 * 20_480 // 4 + 2 * 6 * (2 * 64 + 2 * 64 + 2 * 64 + 128 + 7) == 21_588
+    if method == "lora_r11":  # the parameter control for routed: +10 %, above routed's +5.4 % here
+        assert row["params"] == 11 * 20_480 // 10 == 22_528
 
 
 def test_loraplus_puts_ratio_times_lr_on_B(quality_module):

@@ -328,7 +328,7 @@ def test_a_routed_adapter_in_an_adapter_folder_is_found(tmp_path):
     adapter, so export refuses it and inference keeps it unmerged as for one at the top level."""
     import json
 
-    from aira_moe.integrations.routed_training import token_dependent_adapters
+    from aira_moe.adapter_paths import token_dependent_adapters
 
     for name, strategy in (("routed", "routed"), ("full", "full")):
         (tmp_path / name / "sub").mkdir(parents=True)
@@ -337,3 +337,35 @@ def test_a_routed_adapter_in_an_adapter_folder_is_found(tmp_path):
     paths = [str(tmp_path / "full"), str(tmp_path / "routed")]
     assert token_dependent_adapters(paths, "sub") == [str(tmp_path / "routed")]
     assert token_dependent_adapters(paths) == []  # no adapter_config.json at the top level
+
+
+def test_aira_moe_eval_keeps_a_routed_adapter_unmerged_and_listed_last(tmp_path):
+    """`aira-moe eval` (the recipes' evaluation block) merges fixed adapters as LLaMA-Factory does and keeps a routed
+    one unmerged: its logits are those of peft's unmerged adapter over the merged fixed one; listed first, it is refused
+    before any model loads."""
+    from transformers import AutoModelForCausalLM
+
+    from aira_moe.evaluation.runner import EvalArguments, load_model_and_tokenizer
+    from aira_moe.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(str(tmp_path / "assets"), num_train=8, num_test=8)
+    paths = {}
+    for strategy in ("full", "routed"):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]), AiraMoeConfig(
+            r=2, num_A=2, num_B=3, cola_strategy=strategy, target_modules=["q_proj", "v_proj"], init_weights=False))
+        paths[strategy] = str(tmp_path / strategy)
+        model.save_pretrained(paths[strategy])
+    args = EvalArguments(model_name_or_path=assets["model"], task="fineval", task_dir=assets["task_dir"],
+                         adapter_name_or_path=f"{paths['full']},{paths['routed']}", finetuning_type="aira_moe",
+                         device="cpu")
+    args.validate()
+    model, _, _ = load_model_and_tokenizer(args)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), paths["full"])
+    reference = PeftModel.from_pretrained(reference.merge_and_unload(), paths["routed"]).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert isinstance(model, PeftModel)  # the routed adapter is there, unmerged
+    args.adapter_name_or_path = f"{paths['routed']},{paths['full']}"
+    with pytest.raises(ValueError, match=r"routed adapter, whose update depends on the token.*list it last"):
+        args.validate()

@@ -107,3 +107,19 @@ def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name
             what = "no adapter_config.json in" if os.path.isdir(expanded) else "no such directory:"
             raise FileNotFoundError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")
         check_adapter_files(expanded)
+
+
+def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
+    """The local aira_moe adapters among ``paths`` (in their ``subfolder``, LLaMA-Factory's ``adapter_folder``, when
+    set) whose update depends on the token ('routed'): never merged."""
+    from .tuner.collaboration import get_strategy
+
+    found = []
+    for path in paths or []:
+        config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
+        if not os.path.isfile(config_path):
+            continue
+        config = read_json_file(config_path)
+        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
+            found.append(path)
+    return found

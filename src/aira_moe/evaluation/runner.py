@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_paths import require_adapter_dirs
+from ..adapter_paths import require_adapter_dirs, token_dependent_adapters
 from .prompts import build_messages, select_shots
 from .scoring import choice_token_ids, fit_prompt, score_choices
 from .tasks import LETTERS, TASKS, load_task, task_exists
@@ -74,6 +74,10 @@ class EvalArguments:
         if self.quantization_bit and len(_adapter_paths(self.adapter_name_or_path)) > 1:
             raise ValueError(f"`adapter_name_or_path` lists {len(_adapter_paths(self.adapter_name_or_path))} adapters, "
                              f"but a {self.quantization_bit}-bit base keeps its adapter unmerged: pass one")
+        routed = token_dependent_adapters(_adapter_paths(self.adapter_name_or_path))
+        if routed and routed != _adapter_paths(self.adapter_name_or_path)[-1:]:
+            raise ValueError(f"`adapter_name_or_path`: {routed[0]} is a routed adapter, whose update depends on the "
+                             "token, so it is kept unmerged: list it last (the adapters before it are merged)")
         if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
             raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
                              "another --save_dir")
@@ -94,7 +98,7 @@ def _quantization_config(bits: int, compute_dtype):
 
 def load_model_and_tokenizer(args: EvalArguments):
     """Base model + adapters as LLaMA-Factory loads them for inference (merged in order into a float base; one adapter
-    kept unmerged on a quantised base), and a left-padding tokenizer."""
+    kept unmerged on a quantised base, and a routed one, listed last, kept unmerged), and a left-padding tokenizer."""
     import aira_moe  # noqa: F401  (registers the aira_moe peft type)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,8 +116,12 @@ def load_model_and_tokenizer(args: EvalArguments):
             model = PeftModel.from_pretrained(model, path)
         return model.eval(), tokenizer, device
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-    for path in _adapter_paths(args.adapter_name_or_path):
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    paths = _adapter_paths(args.adapter_name_or_path)
+    routed = token_dependent_adapters(paths)  # validate() put it last: no fixed weight equals its update
+    for path in paths:
+        model = PeftModel.from_pretrained(model, path)
+        if path not in routed:
+            model = model.merge_and_unload()
     return model.to(device).eval(), tokenizer, device
 
 

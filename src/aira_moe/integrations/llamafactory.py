@@ -31,7 +31,7 @@ from typing import Literal, Optional
 from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
-from ..adapter_paths import AdapterFileError, require_adapter_dirs
+from ..adapter_paths import AdapterFileError, require_adapter_dirs, token_dependent_adapters
 from . import preflight, routed_training
 from ..tuner.collaboration import full_equivalence_note
 from .arguments import AiraMoeArguments, peft_config_from_args
@@ -318,7 +318,7 @@ def _is_mergeable(model, adapters: list, subfolder: Optional[str] = None) -> boo
     one adapter is loaded and kept unmerged."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    routed = routed_training.token_dependent_adapters(adapters, subfolder)
+    routed = token_dependent_adapters(adapters, subfolder)
     reason = ("the base model is quantised" if getattr(model, "quantization_method", None) else
               "DeepSpeed ZeRO-3 partitions the base model" if is_deepspeed_zero3_enabled() else
               f"{routed[0]} is a routed adapter, whose update depends on the token" if routed else None)

@@ -3,30 +3,12 @@ statistics in the log, non-reentrant checkpointing, and refusals to merge it. No
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Optional
 
 from .._logging import get_logger
-from ..adapter_paths import read_json_file
+from ..adapter_paths import token_dependent_adapters
 
 logger = get_logger()
-
-
-def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
-    """The local aira_moe adapters among ``paths`` (in their ``subfolder``, LLaMA-Factory's ``adapter_folder``, when
-    set) whose update depends on the token ('routed'): never merged."""
-    from ..tuner.collaboration import get_strategy
-
-    found = []
-    for path in paths or []:
-        config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
-        if not os.path.isfile(config_path):
-            continue
-        config = read_json_file(config_path)
-        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
-            found.append(path)
-    return found
 
 
 def refuse_merging_routed_export(model_args) -> None:
