@@ -141,16 +141,19 @@ def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
     assert "aira-moe check" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
 
 
-def test_tiny_math_trains_and_its_uncommented_eval_block_runs(tmp_path):
+def test_tiny_multitasking_trains_routed_and_its_uncommented_eval_block_runs(tmp_path):
+    """The multi-tasking recipe trains a routed adapter; its evaluation block scores it unmerged (aira-moe eval)."""
     pytest.importorskip("llamafactory")
-    script = with_eval_block_uncommented("math", tmp_path)
+    script = with_eval_block_uncommented("multi-tasking", tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO}
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "aira_moe_allocation.json").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["cola_strategy"] == "routed"
     results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
     assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
+    assert all((out / f"eval_{task}" / "results.json").is_file() for task in ("fineval", "mmlu_law", "mmlu_medicine"))
 
 
 def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):
