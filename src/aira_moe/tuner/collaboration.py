@@ -87,13 +87,8 @@ def fold_experts(
     summed = pairing is None
     if not summed:
         pairing = pairing.to(experts_B.dtype)
-    if scaling != 1:
-        if in_scale is not None:
-            in_scale, scaling = in_scale * scaling, 1
-        elif out_scale is not None:
-            out_scale, scaling = out_scale * scaling, 1
-        elif not summed:
-            pairing, scaling = pairing * scaling, 1
+    if scaling != 1 and in_scale is None and out_scale is None and not summed:
+        pairing, scaling = pairing * scaling, 1  # no channel weight to carry s: M does
     if summed:
         factor_A = experts_A.sum(0, dtype=dtype)  # (r, in)
         factor_B = experts_B.sum(0, dtype=dtype)  # (out, r)
@@ -108,6 +103,19 @@ def fold_experts(
         # viewed before the cast: a padded B_eff's gradient reaches the cast as a column slice, which the cast's
         # backward copies contiguous anyway (a view after the cast would need a copy of its own)
         factor_B = mixed.view(out_features, r * num_A).to(dtype)
+    return scale_factors(factor_A, factor_B, scaling=scaling, in_scale=in_scale, out_scale=out_scale, dtype=dtype)
+
+
+def scale_factors(factor_A: torch.Tensor, factor_B: torch.Tensor, *, scaling: float, in_scale: torch.Tensor | None,
+                  out_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded factors (A: (R, in), B: (out, R)) times the fixed channel weights and s, as
+    dW = s * diag(out_scale) B A diag(in_scale): s goes into a channel weight when there is one (no gradient flows
+    there, so no backward kernel), else onto B. Shared by every fold (``fold_experts``, ``routing.routed_factors``)."""
+    if scaling != 1:
+        if in_scale is not None:
+            in_scale, scaling = in_scale * scaling, 1
+        elif out_scale is not None:
+            out_scale, scaling = out_scale * scaling, 1
     if in_scale is not None:
         factor_A = factor_A * in_scale.to(dtype)  # (R, in) * (in,)
     if out_scale is not None:

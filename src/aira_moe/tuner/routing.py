@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .collaboration import scale_factors
+
 
 def routed_factors(
     experts_A: torch.Tensor,
@@ -39,19 +41,7 @@ def routed_factors(
     by_out = experts_B.permute(1, 0, 2)
     by_out = by_out.contiguous() if dtype == by_out.dtype else by_out.to(dtype, memory_format=torch.contiguous_format)
     factor_B = by_out.view(out_features, num_B * r)
-    if scaling != 1:  # into a channel weight when there is one (no gradient flows there)
-        if in_scale is not None:
-            in_scale, scaling = in_scale * scaling, 1
-        elif out_scale is not None:
-            out_scale, scaling = out_scale * scaling, 1
-    if in_scale is not None:
-        factor_A = factor_A * in_scale.to(dtype)  # (num_A*r, in) * (in,)
-    if out_scale is not None:
-        column = out_scale if out_scale.dim() == 2 else out_scale.unsqueeze(1)
-        factor_B = factor_B * column.to(dtype)  # (out, num_B*r) * (out, 1)
-    if scaling != 1:
-        factor_B = factor_B * scaling
-    return factor_A, factor_B
+    return scale_factors(factor_A, factor_B, scaling=scaling, in_scale=in_scale, out_scale=out_scale, dtype=dtype)
 
 
 def router_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
