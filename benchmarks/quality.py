@@ -7,8 +7,9 @@ the multi-tasking recipe's mixture; val/test loss per task and their mean) with 
 trainable parameters as LoRA r=10 (81,920): the peers LoRA, LoRA+ (peft's ``create_loraplus_optimizer``, ratio chosen
 on val from {2, 4, 8, 16}), PiSSA (peft ``init_lora_weights="pissa"``), EVA (peft ``initialize_lora_eva_weights``,
 rank redistribution ``rho=2``) and CorDA (peft ``preprocess_corda``, IPM); CoLA 2x3 r=4 with each strategy
-(``full``, ``heuristic``, ``random``), plain and with every technique; CoLA 1x1 r=10, plain, with every technique,
-and with each technique removed in turn. EVA and CorDA see exactly the calibration batches aira_moe sees (the run's
+(``full``, ``heuristic``, ``random``), plain and with every technique, and ``heuristic`` with the techniques the 1x1
+ablation questions taken out; ``routed`` (r=3, its router on top) plain and with every technique; CoLA 1x1 r=10 with
+every technique and with each technique removed in turn; LoRA r=11 (a parameter control for ``routed``). EVA and CorDA see exactly the calibration batches aira_moe sees (the run's
 first 8 training batches). Loss: every token of the packed 128-token chunks (prompt and response alike), in training
 and in evaluation.
   1. Learning rate, per (base, task, method), on the *val* split: a grid (default 1e-3, 3e-3, 1e-2), seed 0; when
@@ -26,7 +27,8 @@ two layers, a teacher that perturbs exactly those layers, students at the same b
     python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json   # every method (hours on 2 cores)
     python benchmarks/quality.py --part compare --screen --methods cola_weighting \\
         --extra "w_mean:use_activation_aware=true,activation_normalize=mean"   # val only, for choosing defaults
-    python benchmarks/quality.py --part compare --screen --methods aira_full --lod_sweep aira_full   # M x reference
+    python benchmarks/quality.py --part compare --screen --methods lora,aira_heuristic --lod_sweep aira_heuristic \
+        --lrs 3e-3 --seeds 2 --out benchmarks/results/quality_lod_sweep_cpu.json   # M x reference, val only
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ METHODS = {
     "aira_heuristic": {**EVERY_TECHNIQUE, "cola_strategy": "heuristic"},
     "cola_random": {"cola_strategy": "random"},
     "aira_random": {**EVERY_TECHNIQUE, "cola_strategy": "random"},
+    # the recipes' single-task form with the techniques the 1x1 ablation found neutral or costly taken out
+    "aira_heuristic_no_weighting": {**EVERY_TECHNIQUE, "cola_strategy": "heuristic", "use_activation_aware": False},
+    "aira_heuristic_awsvd_only": {**AWSVD, "cola_strategy": "heuristic"},
     "cola_1x1": ONE_BY_ONE,
     "aira_full_1x1": EVERY_TECHNIQUE_1X1,
     "aira_1x1_no_layer_wise": {**EVERY_TECHNIQUE_1X1, "use_layer_wise_rank": False},
@@ -113,6 +118,12 @@ METHODS = {
     # the parameter control for 'routed': LoRA r=11 has 90,112 parameters (+10 %), more than routed's +5.2 %
     "lora_r11": {**PEER, "r": 11, "lora_alpha": 22},
 }
+# what the committed table (results/quality_peers_cpu.*) measures, and so what a bare rerun runs; the 2x3 `full`
+# single-technique ablations, the literal formulas and plain 1x1 stay available by name (their table: 2026-11-24)
+DEFAULT_METHODS = ["lora", "loraplus", "pissa", "eva", "corda", "lora_r11",
+                   "cola_basic", "aira_full", "cola_heuristic", "aira_heuristic", "aira_heuristic_no_weighting",
+                   "aira_heuristic_awsvd_only", "cola_random", "aira_random", "cola_routed", "aira_routed",
+                   "aira_full_1x1", "aira_1x1_no_layer_wise", "aira_1x1_no_awsvd", "aira_1x1_no_weighting"]
 # methods measured above the budget on purpose (a control, not a peer; allowed REDISTRIBUTED_PARAMS_TOLERANCE)
 PARAMETER_CONTROLS = ("lora_r11",)
 # a family is one reported method whose members differ by a hyper-parameter chosen on val with the learning rate
@@ -644,9 +655,9 @@ def main(argv=None):
     parser.add_argument("--bases", default="pretrained,outliers", help="testbed bases (comma-separated)")
     parser.add_argument("--tasks", default=",".join([*testbed.TASKS, *TASK_GROUPS]),
                         help=f"tasks (comma-separated) from {[*testbed.TASKS, *TASK_GROUPS]}, or 'a+b' for a mixture")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"methods (comma-separated) from {list(METHODS)}; a family name {list(FAMILIES)} "
-                             "stands for its members")
+                             "stands for its members (default: the committed table's)")
     parser.add_argument("--lod_sweep", default="", help="a method with layer-wise allocation: add it at every "
                         f"lod_threshold_M {LOD_SWEEP['M']} x lod_reference {LOD_SWEEP['reference']} (use with --screen)")
     parser.add_argument("--extra", action="append", default=[],

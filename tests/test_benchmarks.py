@@ -177,6 +177,14 @@ def test_lod_sweep_is_every_threshold_times_reference(quality_module):
         quality_module.lod_sweep_methods("cola_basic", {})
 
 
+def test_default_methods_are_known_and_cover_every_peer_and_strategy(quality_module):
+    members = [m for name in quality_module.DEFAULT_METHODS for m in quality_module.FAMILIES.get(name, [name])]
+    assert set(members) <= set(quality_module.METHODS) and len(members) == len(set(members))
+    assert set(quality_module.PEERS) <= set(quality_module.DEFAULT_METHODS)
+    for strategy in ("basic", "heuristic", "random", "routed"):  # each 2x3 form plain (cola_*) and with every technique
+        assert {f"cola_{strategy}", f"aira_{'full' if strategy == 'basic' else strategy}"} <= set(members), strategy
+
+
 def test_overview_tallies_each_cell_against_lora(quality_module):
     def row(rank, diff=None):
         out = {"test_loss": {"mean": 1.0, "std": 0.0, "runs": [1.0, 1.0]}, "rank": rank}

@@ -71,11 +71,12 @@ class EvalArguments:
             raise ValueError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization_bit not in (None, 4, 8):
             raise ValueError(f"`quantization_bit` must be 4 or 8, got {self.quantization_bit}")
-        if self.quantization_bit and len(_adapter_paths(self.adapter_name_or_path)) > 1:
-            raise ValueError(f"`adapter_name_or_path` lists {len(_adapter_paths(self.adapter_name_or_path))} adapters, "
+        adapters = _adapter_paths(self.adapter_name_or_path)
+        if self.quantization_bit and len(adapters) > 1:
+            raise ValueError(f"`adapter_name_or_path` lists {len(adapters)} adapters, "
                              f"but a {self.quantization_bit}-bit base keeps its adapter unmerged: pass one")
-        routed = token_dependent_adapters(_adapter_paths(self.adapter_name_or_path))
-        if routed and routed != _adapter_paths(self.adapter_name_or_path)[-1:]:
+        routed = token_dependent_adapters(adapters)
+        if routed and routed != adapters[-1:]:
             raise ValueError(f"`adapter_name_or_path`: {routed[0]} is a routed adapter, whose update depends on the "
                              "token, so it is kept unmerged: list it last (the adapters before it are merged)")
         if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
