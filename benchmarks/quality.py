@@ -24,10 +24,10 @@ Runs go to a JSONL cache (``--cache``): a rerun reuses every finished run with t
 Part ``teacher`` (synthetic mechanism check of layer-wise allocation): a random tiny Llama with activation outliers in
 two layers, a teacher that perturbs exactly those layers, students at the same budget; held-out KL to the teacher.
 
-    python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json   # every method (hours on 2 cores)
+    python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json   # the committed table's 20 methods (~3.7 h on 2 cores)
     python benchmarks/quality.py --part compare --screen --methods cola_weighting \\
         --extra "w_mean:use_activation_aware=true,activation_normalize=mean"   # val only, for choosing defaults
-    python benchmarks/quality.py --part compare --screen --methods lora,aira_heuristic --lod_sweep aira_heuristic \
+    python benchmarks/quality.py --part compare --screen --methods lora,aira_heuristic --lod_sweep aira_heuristic \\
         --lrs 3e-3 --seeds 2 --out benchmarks/results/quality_lod_sweep_cpu.json   # M x reference, val only
 """
 

@@ -183,6 +183,9 @@ def test_default_methods_are_known_and_cover_every_peer_and_strategy(quality_mod
     assert set(quality_module.PEERS) <= set(quality_module.DEFAULT_METHODS)
     for strategy in ("basic", "heuristic", "random", "routed"):  # each 2x3 form plain (cola_*) and with every technique
         assert {f"cola_{strategy}", f"aira_{'full' if strategy == 'basic' else strategy}"} <= set(members), strategy
+    # a bare rerun reproduces the committed table: the same methods, in the same order
+    committed = json.load(open(os.path.join(quality_module.ROOT, "benchmarks", "results", "quality_peers_cpu.json")))
+    assert committed["settings"]["methods"].split(",") == quality_module.DEFAULT_METHODS
 
 
 def test_overview_tallies_each_cell_against_lora(quality_module):
