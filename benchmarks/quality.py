@@ -9,9 +9,9 @@ on val from {2, 4, 8, 16}), PiSSA (peft ``init_lora_weights="pissa"``), EVA (pef
 rank redistribution ``rho=2``) and CorDA (peft ``preprocess_corda``, IPM); CoLA 2x3 r=4 with each strategy
 (``full``, ``heuristic``, ``random``), plain and with every technique, and ``heuristic`` with the techniques the 1x1
 ablation questions taken out; ``routed`` (r=3, its router on top) plain and with every technique; CoLA 1x1 r=10 with
-every technique and with each technique removed in turn; LoRA r=11 (a parameter control for ``routed``). EVA and CorDA see exactly the calibration batches aira_moe sees (the run's
-first 8 training batches). Loss: every token of the packed 128-token chunks (prompt and response alike), in training
-and in evaluation.
+every technique and with each technique removed in turn; LoRA r=11 (a parameter control for ``routed``). EVA and
+CorDA see exactly the calibration batches aira_moe sees (the run's first 8 training batches). Loss: every token of
+the packed 128-token chunks (prompt and response alike), in training and in evaluation.
   1. Learning rate, per (base, task, method), on the *val* split: a grid (default 1e-3, 3e-3, 1e-2), seed 0; when
      the best rate is on the grid's edge the grid is extended (up to twice) along the 1-3-10 ladder in that direction.
      These selection runs never evaluate the test split (the code does not load it).
@@ -24,7 +24,8 @@ Runs go to a JSONL cache (``--cache``): a rerun reuses every finished run with t
 Part ``teacher`` (synthetic mechanism check of layer-wise allocation): a random tiny Llama with activation outliers in
 two layers, a teacher that perturbs exactly those layers, students at the same budget; held-out KL to the teacher.
 
-    python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json   # the committed table's 20 methods (~3.7 h on 2 cores)
+    # the committed table's 20 methods (~3.7 h on 2 cores)
+    python benchmarks/quality.py --part compare --out benchmarks/results/quality_peers_cpu.json
     python benchmarks/quality.py --part compare --screen --methods cola_weighting \\
         --extra "w_mean:use_activation_aware=true,activation_normalize=mean"   # val only, for choosing defaults
     python benchmarks/quality.py --part compare --screen --methods lora,aira_heuristic --lod_sweep aira_heuristic \\
@@ -390,6 +391,11 @@ def summary(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
+def method_members(names: list[str]) -> list[str]:
+    """Method names with each family name (``FAMILIES``) replaced by its members, in order."""
+    return [member for name in names if name for member in FAMILIES.get(name, [name])]
+
+
 def family_of(method: str) -> str:
     return next((family for family, members in FAMILIES.items() if method in members), method)
 
@@ -683,7 +689,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.bases, args.tasks = args.bases.split(","), args.tasks.split(",")
     args.lrs = [float(v) for v in args.lrs.split(",")]
-    names = [member for name in args.methods.split(",") if name for member in FAMILIES.get(name, [name])]
+    names = method_members(args.methods.split(","))
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {list(METHODS)} and families {list(FAMILIES)}")

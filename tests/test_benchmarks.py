@@ -178,13 +178,14 @@ def test_lod_sweep_is_every_threshold_times_reference(quality_module):
 
 
 def test_default_methods_are_known_and_cover_every_peer_and_strategy(quality_module):
-    members = [m for name in quality_module.DEFAULT_METHODS for m in quality_module.FAMILIES.get(name, [name])]
+    members = quality_module.method_members(quality_module.DEFAULT_METHODS)
     assert set(members) <= set(quality_module.METHODS) and len(members) == len(set(members))
     assert set(quality_module.PEERS) <= set(quality_module.DEFAULT_METHODS)
     for strategy in ("basic", "heuristic", "random", "routed"):  # each 2x3 form plain (cola_*) and with every technique
         assert {f"cola_{strategy}", f"aira_{'full' if strategy == 'basic' else strategy}"} <= set(members), strategy
     # a bare rerun reproduces the committed table: the same methods, in the same order
-    committed = json.load(open(os.path.join(quality_module.ROOT, "benchmarks", "results", "quality_peers_cpu.json")))
+    with open(os.path.join(quality_module.ROOT, "benchmarks", "results", "quality_peers_cpu.json")) as handle:
+        committed = json.load(handle)
     assert committed["settings"]["methods"].split(",") == quality_module.DEFAULT_METHODS
 
 
