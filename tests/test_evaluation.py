@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -65,7 +66,10 @@ def test_rigged_model_accuracy_is_exact(tmp_path):
     results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
     assert results["accuracy"] == 0.5 and results["num_questions"] == 8 and results["correct"] == 4
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["per_subject"]["gsm8k"] == {"accuracy": 0.5, "num_questions": 8, "correct": 4}
+    # answer loss: -log p(right letter) over a vocabulary of 128 with logit 1 on 'A' and 0 elsewhere, 4 of 8 right 'A'
+    answer_loss = pytest.approx(math.log(127 + math.e) - 0.5, abs=1e-6)
+    assert saved["per_subject"]["gsm8k"] == {"accuracy": 0.5, "answer_loss": answer_loss, "num_questions": 8, "correct": 4}
+    assert saved["answer_loss"] == answer_loss
     # 'pick C' on question 4 (answer C) flips one wrong answer to right: a scorer reading the wrong row misses it
     write_gsm8k(tmp_path, ANSWERS, {4: "pick C"})
     args.overwrite_save_dir = True
@@ -75,6 +79,16 @@ def test_rigged_model_accuracy_is_exact(tmp_path):
     write_gsm8k(tmp_path, ANSWERS, {0: "pick C"})
     results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
     assert results["correct"] == 3
+
+
+def test_max_questions_scores_the_first_n_of_each_subject(tmp_path):
+    write_gsm8k(tmp_path, ANSWERS, {0: "pick C"})  # ANSWERS starts A, B: the first three are scored
+    args = EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), max_questions=3,
+                         save_dir=str(tmp_path / "out"))
+    results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
+    assert results["num_questions"] == 3 and results["correct"] == sum(a == "A" for a in ANSWERS[1:3])
+    with pytest.raises(ValueError, match="`max_questions` must be >= 1, got 0"):
+        EvalArguments(model_name_or_path="rigged", task="gsm8k", task_dir=str(tmp_path), max_questions=0).validate()
 
 
 def test_existing_results_are_not_overwritten_silently(tmp_path):
@@ -253,8 +267,11 @@ def test_custom_mapping_task_is_scored_with_predictions_per_question(tmp_path):
     args = EvalArguments(model_name_or_path="rigged", task="my_exam", task_dir=str(tmp_path), n_shot=0,
                          save_dir=str(tmp_path / "out"))
     results = evaluate(args, model=RiggedModel(), tokenizer=LetterTokenizer(), encode=simple_encode, device="cpu")
-    assert results["per_subject"] == {"audit": {"accuracy": 0.5, "num_questions": 2, "correct": 1},
-                                      "tax_law": {"accuracy": 2 / 3, "num_questions": 3, "correct": 2}}
+    flat, picked_c = math.log(127 + math.e), math.log(126 + math.e + math.e ** 2)  # log-partitions of the two rows
+    assert results["per_subject"] == {
+        "audit": {"accuracy": 0.5, "answer_loss": pytest.approx(flat - 0.5, abs=1e-6), "num_questions": 2, "correct": 1},
+        "tax_law": {"accuracy": 2 / 3, "answer_loss": pytest.approx(((flat - 1) + (picked_c - 2) + flat) / 3, abs=1e-6),
+                    "num_questions": 3, "correct": 2}}
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == results["num_questions"] == 5
     assert sum(row["gold"] == row["predicted"] for row in rows) == results["correct"] == 3

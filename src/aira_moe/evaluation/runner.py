@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -46,6 +46,11 @@ class EvalArguments:
     overwrite_save_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
+    max_questions: Optional[int] = field(
+        default=None,
+        metadata={"help": "Score only the first N questions of each subject (a quick check, e.g. on a CPU); default: "
+                          "every question."},
+    )
     quantization_bit: Optional[int] = field(
         default=None,
         metadata={"help": "Load the base in 4 or 8 bits with bitsandbytes (nf4 + double quantisation, as "
@@ -63,6 +68,8 @@ class EvalArguments:
         require_adapter_dirs(self.adapter_name_or_path)
         if self.n_shot < 0:
             raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"`max_questions` must be >= 1, got {self.max_questions}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.lang not in ("en", "zh"):
@@ -179,6 +186,8 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     args.validate()
     if subjects is None:
         subjects = load_task(args.task, args.task_dir)  # file errors before the model is loaded
+    if args.max_questions is not None:
+        subjects = [replace(subject, test=subject.test[:args.max_questions]) for subject in subjects]
     if args.save_dir is None:
         args.save_dir = os.path.join("outputs", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}
@@ -201,8 +210,11 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
             predicted, logprobs = score_choices(model, prompts, choice_ids, args.batch_size, pad_id, device,
                                                 progress.update)
             correct = sum(p == q.answer for p, q in zip(predicted, subject.test))
+            # -log p(right letter) under the full next-token distribution: the answer loss SFT trains down
+            answer_nll = [-row[LETTERS.index(q.answer)] for row, q in zip(logprobs, subject.test)]
             per_subject[subject.name] = {
                 "accuracy": correct / len(subject.test),
+                "answer_loss": sum(answer_nll) / len(answer_nll),
                 "num_questions": len(subject.test),
                 "correct": correct,
             }
@@ -215,6 +227,7 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     results = {
         "task": args.task,
         "accuracy": correct / total,
+        "answer_loss": sum(row["answer_loss"] * row["num_questions"] for row in per_subject.values()) / total,
         "num_questions": total,
         "correct": correct,
         "per_subject": per_subject,
