@@ -215,6 +215,13 @@ def make_optimizer(model, lr: float, loraplus_lr_ratio: float | None = None):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
+def warmup_cosine(optimizer, steps: int):
+    """LLaMA-Factory's schedule: 10 % linear warm-up, then cosine decay to zero."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+
+
 # ------------------------------------------------------------------------------------------------------ one run
 
 def held_out_loss(model, chunks: torch.Tensor, batch: int = 32) -> float:
@@ -278,9 +285,7 @@ def run_one(job: dict) -> dict:
         raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA['r']}), "
                            f"allowed relative difference {tolerance}")
     optimizer = make_optimizer(model, job["lr"], **training)
-    warmup = max(1, job["steps"] // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (job["steps"] - warmup))))
+    schedule = warmup_cosine(optimizer, job["steps"])
     model.train()
     curve = []
     for ids in batches:
@@ -320,9 +325,10 @@ def job_key(job: dict) -> str:
 class Runner:
     """Runs jobs on a process pool (one torch thread each) and caches finished runs in a JSONL file."""
 
-    def __init__(self, cache_path: str, workers: int):
+    def __init__(self, cache_path: str, workers: int, run_fn=None):
         self.cache_path = cache_path
         self.workers = workers
+        self.run_fn = run_fn or run_one  # a module-level function (the pool pickles it by name): job -> result dict
         self.done: dict[str, dict] = {}
         if cache_path and os.path.isfile(cache_path):
             with open(cache_path, encoding="utf-8") as handle:
@@ -336,7 +342,7 @@ class Runner:
             print(f"  running {len(pending)} fine-tuning runs ({len(jobs) - len(pending)} cached)", flush=True)
             context = multiprocessing.get_context("spawn")
             with futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-                running = {pool.submit(run_one, job): key for key, job in pending.items()}
+                running = {pool.submit(self.run_fn, job): key for key, job in pending.items()}
                 for finished in futures.as_completed(running):
                     key = running[finished]
                     job = pending[key]
@@ -391,19 +397,17 @@ def summary(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def method_members(names: list[str]) -> list[str]:
-    """Method names with each family name (``FAMILIES``) replaced by its members, in order."""
-    return [member for name in names if name for member in FAMILIES.get(name, [name])]
+def method_members(names: list[str], families: dict = FAMILIES) -> list[str]:
+    """Method names with each family name (``families``) replaced by its members, in order."""
+    return [member for name in names if name for member in families.get(name, [name])]
 
 
-def family_of(method: str) -> str:
-    return next((family for family, members in FAMILIES.items() if method in members), method)
+def family_of(method: str, families: dict = FAMILIES) -> str:
+    return next((family for family, members in families.items() if method in members), method)
 
 
 def compare(args, manifest: dict, methods: dict) -> dict:
     from transformers import LlamaForCausalLM
-
-    runner = Runner(args.cache, args.workers)
 
     def make_job(cell, lr, seed, evaluate=("val",)):
         base, task, method = cell
@@ -412,14 +416,39 @@ def compare(args, manifest: dict, methods: dict) -> dict:
                 "testbed": os.path.basename(manifest["dir"]), "threads": 1, "version": args.tag,
                 "tokens": manifest["tokens"], "base_dir": manifest["bases"][base]}
 
-    cells = [(base, task, method) for base in args.bases for task in args.tasks for method in methods]
+    def no_finetuning(base: str) -> dict:
+        tokens = torch.load(manifest["tokens"])
+        model = LlamaForCausalLM.from_pretrained(manifest["bases"][base]).float()
+        shares = ("val",) if args.screen else ("val", "test")
+        return {task: {share: split_loss(model, tokens, task, share, args.eval_chunks)[f"{share}_loss"] for share in shares}
+                for task in args.tasks}
+
+    return protocol(args, methods, Runner(args.cache, args.workers), make_job, no_finetuning)
+
+
+def protocol(args, methods: dict, runner: Runner, make_job, no_finetuning, lr_task: str | None = None,
+             metrics: tuple[str, ...] = (), peers: list[str] = PEERS, families: dict = FAMILIES,
+             plain: str = "cola_basic") -> dict:
+    """The comparison over the (base, task, method) cells of ``args.bases`` x ``args.tasks`` x ``methods``: the
+    learning rate (and a family's member) chosen on val with seed 0, then seeds 1..N at that rate, summaries, paired
+    differences and ranks. ``make_job(cell, lr, seed, evaluate)`` describes one run for ``runner``;
+    ``no_finetuning(base)`` gives {task: {share: loss}} of the base model. With ``lr_task``, the rates are searched on
+    that task's cells only and every other task uses them (one sweep serving every cell). ``metrics``: extra numbers
+    of a run (e.g. ``test_accuracy``) summarised like the losses, with their ``_by_task`` splits; ``peers``: the
+    methods a user could run instead (the best of them on val is a reference); ``families``: {reported name: members}
+    (one member is chosen on val); ``plain``: the plain CoLA form, the third reference (reported as ``cola_basic``)."""
+    sweep_tasks = [lr_task] if lr_task else args.tasks
+    cells = [(base, task, method) for base in args.bases for task in sweep_tasks for method in methods]
     chosen = choose_lrs(runner, make_job, cells, args.lrs)
+    if lr_task:
+        chosen.update({(base, task, method): chosen[(base, lr_task, method)]
+                       for base in args.bases for task in args.tasks for method in methods})
     # a family (LoRA+ ratios) is reported as its member with the lowest val loss at its best rate
     winners = {}
     for base in args.bases:
         for task in args.tasks:
             for method in methods:
-                family = family_of(method)
+                family = family_of(method, families)
                 current = winners.get((base, task, family))
                 if current is None or chosen[(base, task, method)][1][chosen[(base, task, method)][0]] < \
                         chosen[(base, task, current)][1][chosen[(base, task, current)][0]]:
@@ -434,13 +463,9 @@ def compare(args, manifest: dict, methods: dict) -> dict:
             seeded.setdefault(key, []).append(row)
 
     results = {}
-    tokens = torch.load(manifest["tokens"])
     metric = "val_loss" if args.screen else "test_loss"
     for base in args.bases:
-        model = LlamaForCausalLM.from_pretrained(manifest["bases"][base]).float()
-        shares = ("val",) if args.screen else ("val", "test")
-        results[base] = {"_no_finetuning": {task: {share: split_loss(model, tokens, task, share, args.eval_chunks)[f"{share}_loss"]
-                                                   for share in shares} for task in args.tasks}}
+        results[base] = {"_no_finetuning": no_finetuning(base)}
         for task in args.tasks:
             cell_rows = {}
             for (cell_base, cell_task, family), method in reported.items():
@@ -451,7 +476,7 @@ def compare(args, manifest: dict, methods: dict) -> dict:
                        "val_by_lr": {f"{k:g}": v for k, v in sorted(scores.items())}, "val_loss": {"mean": scores[best]}}
                 if family != method:
                     row["member"] = method
-                    row["val_by_member"] = {m: min(chosen[(base, task, m)][1].values()) for m in FAMILIES[family]
+                    row["val_by_member"] = {m: min(chosen[(base, task, m)][1].values()) for m in families[family]
                                             if (base, task, m) in chosen}
                 runs = seeded.get((base, task, family))
                 if runs:
@@ -464,11 +489,17 @@ def compare(args, manifest: dict, methods: dict) -> dict:
                         for share in evaluate:
                             row[f"{share}_loss_by_task"] = {
                                 part: summary([r[f"{share}_loss_by_task"][part] for r in runs]) for part in task_parts(task)}
+                    for name in metrics:
+                        if name in runs[0]:
+                            row[name] = summary([r[name] for r in runs])
+                        if f"{name}_by_task" in runs[0]:
+                            row[f"{name}_by_task"] = {part: summary([r[f"{name}_by_task"][part] for r in runs])
+                                                      for part in runs[0][f"{name}_by_task"]}
                 cell_rows[family] = row
-            peers = [m for m in PEERS if m in cell_rows and "runs" in cell_rows[m]["val_loss"]]
-            references = {"lora": "lora", "cola_basic": "cola_basic"}
-            if peers:  # chosen on val over the reported seeds, never on test
-                references["best_peer"] = min(peers, key=lambda m: cell_rows[m]["val_loss"]["mean"])
+            measured_peers = [m for m in peers if m in cell_rows and "runs" in cell_rows[m]["val_loss"]]
+            references = {"lora": "lora", "cola_basic": plain}
+            if measured_peers:  # chosen on val over the reported seeds, never on test
+                references["best_peer"] = min(measured_peers, key=lambda m: cell_rows[m]["val_loss"]["mean"])
             for label, reference in references.items():
                 if reference not in cell_rows or "runs" not in cell_rows[reference][metric]:
                     continue
@@ -537,12 +568,14 @@ def markdown(results: dict, screen: bool) -> str:
                 lines.append("")
                 continue
             by_task = next((row.get(f"{name}_loss_by_task") for row in rows.values() if row.get(f"{name}_loss_by_task")), None)
+            accuracy = any(f"{name}_accuracy" in row for row in rows.values())  # multiple-choice cells
             lines += [f"**{base} / {task}**: {name} loss, mean ± std over seeds "
                       f"{next(iter(rows.values())).get('seeds')}; Δ = paired difference (method − reference), mean ± std; "
                       "lr (and LoRA+ ratio) chosen on val; best peer = the peer with the lowest val loss", "",
                       f"| method | {name} | Δ vs LoRA | Δ vs best peer | Δ vs CoLA-basic | rank | lr | params |"
-                      + ("".join(f" {part} |" for part in by_task) if by_task else ""),
-                      "|---|---|---|---|---|---|---|---|" + ("---|" * len(by_task) if by_task else "")]
+                      + ("".join(f" {part} |" for part in by_task) if by_task else "") + (" accuracy |" if accuracy else ""),
+                      "|---|---|---|---|---|---|---|---|" + ("---|" * len(by_task) if by_task else "")
+                      + ("---|" if accuracy else "")]
             for method, row in sorted(rows.items(), key=lambda item: item[1].get("rank", 10**6)):
                 if metric not in row or "runs" not in row[metric]:
                     continue
@@ -555,6 +588,9 @@ def markdown(results: dict, screen: bool) -> str:
                 cells += [str(row.get("rank", "")), f"{row['lr']:g}", f"{row.get('params', 0):,}"]
                 if by_task:
                     cells += [f"{row[f'{name}_loss_by_task'][part]['mean']:.4f}" for part in by_task]
+                if accuracy:
+                    value = row.get(f"{name}_accuracy")
+                    cells.append("–" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
