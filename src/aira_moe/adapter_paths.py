@@ -109,17 +109,23 @@ def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name
         check_adapter_files(expanded)
 
 
-def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
-    """The local aira_moe adapters among ``paths`` (in their ``subfolder``, LLaMA-Factory's ``adapter_folder``, when
-    set) whose update depends on the token ('routed'): never merged."""
-    from .tuner.collaboration import get_strategy
+def adapter_strategy(path: str, subfolder: Optional[str] = None):
+    """The collaboration strategy of the local aira_moe adapter at ``path`` (in its ``subfolder``, LLaMA-Factory's
+    ``adapter_folder``, when set); None for another adapter type or a path that holds no local adapter."""
+    from .tuner._registry import PEFT_TYPE_NAME
+    from .tuner.config import AiraMoeConfig
+    from .tuner.strategies import get_strategy
 
-    found = []
-    for path in paths or []:
-        config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
-        if not os.path.isfile(config_path):
-            continue
-        config = read_json_file(config_path)
-        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
-            found.append(path)
-    return found
+    config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    config = read_json_file(config_path)
+    if config.get("peft_type") != PEFT_TYPE_NAME:
+        return None
+    return get_strategy(config.get("cola_strategy", AiraMoeConfig.cola_strategy))
+
+
+def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
+    """The local aira_moe adapters among ``paths`` (see ``adapter_strategy``) whose update depends on the token
+    ('routed'): never merged."""
+    return [path for path in paths or [] if getattr(adapter_strategy(path, subfolder), "token_dependent", False)]

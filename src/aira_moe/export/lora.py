@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..tuner.collaboration import adapter_scaling, get_strategy
+from ..tuner.collaboration import adapter_scaling
+from ..tuner.strategies import get_strategy
 
 STATE_PREFIX = "base_model.model."  # peft's saved-key prefix for a PeftModel around a transformers model
 AIRA_SUFFIXES = ("aira_moe_A", "aira_moe_B", "aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B")
@@ -45,13 +46,10 @@ def module_update_factors(module: ModuleAdapter) -> tuple[torch.Tensor, torch.Te
     """(A: R x in, B: out x R) in fp64 with B @ A = the module's update against the original base weight."""
     experts_A, experts_B = module.experts_A.double(), module.experts_B.double()
     scale = None if module.channel_scale is None else module.channel_scale.double()
-    strategy = get_strategy(module.strategy)
-    pairing = strategy.fixed_pairing(experts_A.shape[0], experts_B.shape[0])  # else the eval pairing (E[M] for random)
-    factor_A, factor_B = strategy.fold(
+    factor_A, factor_B = get_strategy(module.strategy).fold(  # the eval pairing (E[M] for random)
         experts_A,
         experts_B,
         scaling=module.scaling,
-        pairing=None if pairing is None else pairing.double(),
         in_scale=scale if module.activation_mode == "inps" else None,
         out_scale=scale if module.activation_mode == "outps" else None,
     )
@@ -61,9 +59,9 @@ def module_update_factors(module: ModuleAdapter) -> tuple[torch.Tensor, torch.Te
     return factor_A, factor_B
 
 
-def refuse_token_dependent(config) -> None:
-    """One-line error, before any work, for an adapter whose update has no fixed weight ('routed')."""
-    get_strategy(config.cola_strategy).check_fixed_update("exported as a standard LoRA adapter")
+def _refuse_token_dependent(config) -> None:
+    """Before any work: an adapter whose update depends on the token has no fixed weight to export."""
+    get_strategy(config.cola_strategy).refuse_token_dependent("exported as a standard LoRA adapter")
 
 
 @dataclass
@@ -124,7 +122,7 @@ def read_aira_moe_adapter(adapter_dir: str):
     if peft_type != "AIRA_MOE":
         raise ValueError(f"{adapter_dir} holds a {peft_type} adapter, not an aira_moe (AIRA_MOE) one")
     config = AiraMoeConfig.from_pretrained(adapter_dir)
-    refuse_token_dependent(config)
+    _refuse_token_dependent(config)
     state = _load_state_dict(adapter_dir)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     other = {}
@@ -173,7 +171,7 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
     """Write ``modules`` as a peft LoRA adapter in ``out_dir``; returns a report (rank, per-module ranks and errors)."""
     from safetensors.torch import save_file
 
-    refuse_token_dependent(config)
+    _refuse_token_dependent(config)
     if config.bias != "none":
         raise ValueError(f"`bias`={config.bias!r}: trained biases have no place in a standard LoRA adapter; only "
                          "bias='none' adapters can be exported")

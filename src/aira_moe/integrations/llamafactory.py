@@ -31,9 +31,10 @@ from typing import Literal, Optional
 from aira_moe_startup import SUPPORTED, unsupported
 
 from .._logging import get_logger
+from ..errors import UserError, one_line
 from ..adapter_paths import AdapterFileError, require_adapter_dirs, token_dependent_adapters
 from . import preflight, routed_training
-from ..tuner.collaboration import full_equivalence_note
+from ..tuner.strategies import get_strategy
 from .arguments import AiraMoeArguments, peft_config_from_args
 from .output_dir import OutputDirInUseError, choose_complete_checkpoint, lock_output_dir
 
@@ -101,7 +102,7 @@ def _make_arguments_class(base):
             config = peft_config_from_args(self)  # parses and validates every aira_moe key, naming it
             self.rank_budget = config.rank_budget  # an int or 'auto' from here on (the early budget check reads it)
             self.activation_normalize = config.activation_normalize
-            note = full_equivalence_note(config.num_A, config.num_B, config.r, config.cola_strategy)
+            note = get_strategy(config.cola_strategy).config_note(config.num_A, config.num_B, config.r)
             if note:  # one line per parse: `llamafactory-cli train` and `aira-moe check` both come through here
                 logger.info(note)
 
@@ -194,7 +195,7 @@ def _patched_verify_model_args(original):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
         require_adapter_dirs(model_args.adapter_name_or_path, subfolder=model_args.adapter_folder)
-        routed_training.refuse_merging_routed_export(model_args)
+        routed_training.refuse_exporting_token_dependent(model_args)
         for key in ("use_unsloth", "use_kt"):  # their LoRA loaders build peft LoRA layers only
             if getattr(model_args, key, False):
                 raise ValueError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
@@ -441,9 +442,9 @@ def _patched_cli_main(original):
     def main():
         try:
             return original()
-        except (AdapterFileError, OutputDirInUseError) as error:  # a user's file or directory: one line, exit 2
-            print(f"[aira_moe] {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
+        except (UserError, AdapterFileError, OutputDirInUseError) as error:  # the user's to fix: one line, exit 2
+            print(f"[aira_moe] {one_line(error)}", file=sys.stderr)
+            return getattr(error, "exit_code", 2)
 
     return main
 

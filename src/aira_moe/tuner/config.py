@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from ..calibration.allocation import OBJECTIVES, check_rank_bounds
 from ..calibration.stats import CHANNEL_NORMALIZERS, DEFAULT_LOD_REFERENCE, LOD_REFERENCES
 from ._registry import ensure_peft_type
-from .collaboration import STRATEGIES
+from .strategies import STRATEGIES
 
 # the allowed values of each choice field: the one copy (the Literal annotations and the LLaMA-Factory keys use them)
 COLA_STRATEGIES = tuple(STRATEGIES)
@@ -242,7 +242,7 @@ class AiraMoeConfig(PeftConfig):
         if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
                 or not self.router_aux_loss_coef >= 0:
             raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
-        routed = STRATEGIES[self.cola_strategy].token_dependent
+        routed = self.token_dependent
         if self.router_top_k and not routed:
             raise ValueError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
                              f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
@@ -297,6 +297,11 @@ class AiraMoeConfig(PeftConfig):
             "with_initial_factors": self.use_awsvd_init and self.awsvd_mode == "residual",
             "router_top_k": self.router_top_k,
         }
+
+    @property
+    def token_dependent(self) -> bool:
+        """Whether the update depends on the token (``cola_strategy: routed``): no merge, no LoRA export."""
+        return STRATEGIES[self.cola_strategy].token_dependent
 
     @property
     def needs_calibration(self) -> bool:

@@ -32,7 +32,8 @@ class AiraMoeModel(BaseTuner):
         if not hasattr(self, "step_counter"):
             self.step_counter = StepCounter()
             # one tick per training forward of the whole model: the 'random' pairing changes per step, identically on
-            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step. PeftModel calls
+            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step; the routing
+            # losses recorded in a step belong to it (StepCounter.routing). PeftModel calls
             # either this tuner (which calls model.forward, no hooks) or the wrapped model directly: exactly one fires.
             self.register_forward_pre_hook(self._count_training_step)
             model.register_forward_pre_hook(self._count_training_step)
@@ -40,27 +41,28 @@ class AiraMoeModel(BaseTuner):
     def _count_training_step(self, module: nn.Module, args) -> None:
         if module.training:
             self.step_counter.value += 1
-            self.step_counter.routing.new_forward()
 
-    def routing_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
-        """``router_aux_loss_coef`` times the mean load-balancing loss of the 'routed' layers in the last training
-        forward (add it to the training loss; the LLaMA-Factory integration does), or None when no routed layer ran."""
-        log = self.step_counter.routing
-        if not log.losses:
-            return None
-        if log.detached and torch.is_grad_enabled():
-            raise RuntimeError(
-                "the routed adapter's load-balancing loss was computed without autograd, so it cannot train the router: "
-                "reentrant gradient checkpointing runs the layers under no_grad; use non-reentrant checkpointing "
-                "(gradient_checkpointing_kwargs={'use_reentrant': False}; LLaMA-Factory: `use_reentrant_gc: false`)"
-            )
-        coefficient = self.peft_config[adapter_name or self.active_adapters[0]].router_aux_loss_coef
-        device = log.losses[0].device
-        return coefficient * torch.stack([loss.to(device) for loss in log.losses]).mean()
+    def routing_loss(self) -> Optional[torch.Tensor]:
+        """The load-balancing loss of the token-dependent ('routed') layers in the last training forward: per adapter,
+        its ``router_aux_loss_coef`` times the mean over its layers, summed over adapters; None when no such layer ran
+        in that forward. ``add_routing_loss`` adds it to a training loss."""
+        return self.step_counter.routing.loss(self.step_counter.value,
+                                              lambda adapter_name: self.peft_config[adapter_name].router_aux_loss_coef)
+
+    def add_routing_loss(self, loss: torch.Tensor, share: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``loss`` plus ``routing_loss()`` (times ``share`` when given), or ``loss`` itself when no token-dependent
+        layer ran: how a routed adapter's routers get their load-balancing loss. Call it on the loss of each training
+        forward (the LLaMA-Factory seam and the benchmarks do). ``share``: this micro-batch's share of the tokens the
+        loss is normalised over, when gradient accumulation normalises by the whole batch (the Trainer's
+        ``num_items_in_batch``), so that accumulation does not multiply the coefficient."""
+        extra = self.routing_loss()
+        if extra is None:
+            return loss
+        return loss + (extra if share is None else extra * share)
 
     def routing_summary(self) -> dict[str, float]:
         """Means since the last call of the routed layers' load-balancing loss, gate entropy and expert load (see
-        routing.RoutingLog.summary); empty without routed layers."""
+        strategies.routed.RoutingLog.summary); empty without routed layers."""
         return self.step_counter.routing.summary()
 
     def _create_and_replace(
