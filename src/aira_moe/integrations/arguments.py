@@ -58,7 +58,7 @@ SWITCHES = (
     ("`awsvd_mode: residual`", lambda config: config.awsvd_mode == "residual", ("awsvd_split",)),
     ("`use_activation_aware: true`", lambda config: config.use_activation_aware,
      ("activation_aware_mode", "activation_normalize")),
-    ("`cola_strategy: routed`", lambda config: config.cola_strategy == "routed", ("router_aux_loss_coef",)),
+    ("`cola_strategy: routed`", lambda config: config.token_dependent, ("router_aux_loss_coef",)),
     ("one of `use_layer_wise_rank` / `use_awsvd_init` / `use_activation_aware`",
      lambda config: config.needs_calibration,
      ("awsvd_collect_steps",)),
