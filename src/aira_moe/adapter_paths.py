@@ -10,13 +10,13 @@ import struct
 import zipfile
 from typing import Optional, Union
 
+from .errors import MissingFileError, UserError
+
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-REPORT_FILE = "aira_moe_allocation.json"
 
 
-class AdapterFileError(ValueError):
-    """A file of a saved adapter (or checkpoint) is truncated or corrupt; the message names it. The CLIs print it as
-    one line and exit 2."""
+class AdapterFileError(UserError):
+    """A file of a saved adapter (or checkpoint) is truncated or corrupt; the message names it."""
 
 
 def _looks_local(path: str) -> bool:
@@ -78,7 +78,7 @@ def check_adapter_files(directory: str) -> None:
         raise _bad(os.path.join(directory, "adapter_config.json"), "no `peft_type` key")
     weights = [os.path.join(directory, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
     if not weights:
-        raise FileNotFoundError(f"no adapter weights in {os.path.abspath(directory)} ({' or '.join(WEIGHT_FILES)})")
+        raise MissingFileError(f"no adapter weights in {os.path.abspath(directory)} ({' or '.join(WEIGHT_FILES)})")
     if weights[0].endswith(".safetensors"):
         check_safetensors_file(weights[0])
     else:
@@ -89,7 +89,9 @@ def check_adapter_files(directory: str) -> None:
             raise _bad(weights[0], f"not a readable torch archive ({error})") from None
         if broken is not None:
             raise _bad(weights[0], f"member {broken} fails its checksum")
-    report = os.path.join(directory, REPORT_FILE)
+    from .calibration.report import REPORT_JSON
+
+    report = os.path.join(directory, REPORT_JSON)
     if os.path.isfile(report):
         read_json_file(report)
 
@@ -105,7 +107,7 @@ def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name
         expanded = os.path.join(os.path.expanduser(path), subfolder or "")
         if not os.path.isfile(os.path.join(expanded, "adapter_config.json")):
             what = "no adapter_config.json in" if os.path.isdir(expanded) else "no such directory:"
-            raise FileNotFoundError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")
+            raise MissingFileError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")
         check_adapter_files(expanded)
 
 

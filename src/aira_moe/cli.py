@@ -13,6 +13,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from .errors import ExistingOutputError, MissingFileError, UserError, report
+
 DEMO_TRAIN = {
     "stage": "sft",
     "do_train": True,
@@ -90,8 +92,8 @@ def parse_eval_args(argv: list[str]):
 
 
 def prepare_demo(output_dir: str, overwrite: bool) -> tuple[str, dict]:
-    """The demo's user errors, before any work: an existing train/ without --overwrite (FileExistsError), assets
-    built with other settings (ValueError). Returns the train directory and the tiny assets' absolute paths (so the
+    """The demo's user errors, before any work: an existing train/ without --overwrite, assets built with other
+    settings. Returns the train directory and the tiny assets' absolute paths (so the
     adapter records where its base model is, and peft's from_pretrained works from any directory)."""
     from transformers.utils import logging as transformers_logging
 
@@ -100,7 +102,7 @@ def prepare_demo(output_dir: str, overwrite: bool) -> tuple[str, dict]:
     transformers_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for a 2-layer model
     train_dir = os.path.join(os.path.abspath(output_dir), "train")
     if os.path.exists(train_dir) and not overwrite:
-        raise FileExistsError(f"{train_dir} exists; pass --overwrite or another --output_dir")
+        raise ExistingOutputError(f"{train_dir} exists; pass --overwrite or another --output_dir")
     assets = build_tiny_assets(os.path.join(os.path.abspath(output_dir), "assets"))
     if os.path.exists(train_dir):
         shutil.rmtree(train_dir)
@@ -131,7 +133,9 @@ def run_demo(train_dir: str, assets: dict) -> dict:
             tail = log.read().splitlines()[-25:]
         raise SystemExit("\n".join(tail) + f"\naira-moe demo: llamafactory-cli train failed (exit {finished.returncode}); "
                          f"full output in {log_path}")
-    with open(os.path.join(train_dir, "aira_moe_allocation.json"), encoding="utf-8") as handle:
+    from .calibration.report import REPORT_JSON
+
+    with open(os.path.join(train_dir, REPORT_JSON), encoding="utf-8") as handle:
         allocation = json.load(handle)
     with open(os.path.join(train_dir, "train_results.json"), encoding="utf-8") as handle:
         train_loss = json.load(handle)["train_loss"]
@@ -187,7 +191,7 @@ def run_export_lora(argv: list[str]) -> dict:
 
 def run_check(argv: list[str]) -> int:
     """``aira-moe check CONFIG [key=value ...]``: the config as ``llamafactory-cli train`` reads it (OmegaConf merge
-    of the file and the overrides), validated in this process; a user error prints one line and exits 2."""
+    of the file and the overrides), validated in this process."""
     if not argv or argv[0] in ("-h", "--help") or not argv[0].endswith((".yaml", ".yml", ".json")):
         print("usage: aira-moe check CONFIG.yaml [key=value ...]  (the arguments of llamafactory-cli train)",
               file=sys.stderr)
@@ -196,25 +200,28 @@ def run_check(argv: list[str]) -> int:
 
     from .integrations.llamafactory import check_train_config
 
-    try:
-        if not os.path.isfile(argv[0]):
-            raise FileNotFoundError(f"no config file {argv[0]}")
-        if argv[0].endswith(".json"):
-            with open(argv[0], encoding="utf-8") as handle:
-                loaded = OmegaConf.create(json.load(handle))
-        else:
-            loaded = OmegaConf.load(argv[0])
-        args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[1:])))
-        summary = check_train_config(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"aira-moe check: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    if not os.path.isfile(argv[0]):
+        raise MissingFileError(f"no config file {argv[0]}")
+    if argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            loaded = OmegaConf.create(json.load(handle))
+    else:
+        loaded = OmegaConf.load(argv[0])
+    args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[1:])))
+    summary = check_train_config(args)
     print(f"[aira-moe check] {argv[0]}: ok ({summary})")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(argv)
+    except UserError as error:  # the one place an aira-moe command turns a user error into its line and exit code
+        return report(error, f"aira-moe {argv[0]}: ")
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: aira-moe {check,eval,export-lora,tiny,demo} ...\n"
               "  check        validate a llamafactory-cli train config (+ key=value overrides) before launching it\n"
@@ -230,24 +237,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .evaluation.tasks import load_task
 
         args = parse_eval_args(rest)
-        try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
-            args.validate()
-            subjects = load_task(args.task, args.task_dir)
-            for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
-                select_shots(subject, args.n_shot, args.seed)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"aira-moe eval: {error}", file=sys.stderr)
-            return 2
+        args.validate()  # user errors (bad values, missing files) before the model is loaded
+        subjects = load_task(args.task, args.task_dir)
+        for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
+            select_shots(subject, args.n_shot, args.seed)
         evaluate(args, subjects=subjects)
         return 0
     if command == "check":
         return run_check(rest)
     if command == "export-lora":
-        try:
-            run_export_lora(rest)
-        except (FileNotFoundError, FileExistsError, ValueError) as error:  # user errors: one line, exit 2
-            print(f"aira-moe export-lora: {error}", file=sys.stderr)
-            return 2
+        run_export_lora(rest)
         return 0
     if command == "tiny":
         parser = argparse.ArgumentParser(prog="aira-moe tiny")
@@ -257,11 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         from .tiny import build_tiny_assets
 
-        try:
-            paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
-        except ValueError as error:
-            print(f"aira-moe tiny: {error}", file=sys.stderr)
-            return 2
+        paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
         if args.shell:
             print("\n".join(f"TINY_{key.upper()}={shlex.quote(value)}" for key, value in paths.items()))
         else:
@@ -272,11 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--output_dir", default="outputs/demo")
         parser.add_argument("--overwrite", action="store_true")
         args = parser.parse_args(rest)
-        try:
-            train_dir, assets = prepare_demo(args.output_dir, args.overwrite)
-        except (FileExistsError, ValueError) as error:  # user errors: one line, exit 2, nothing touched
-            print(f"aira-moe demo: {error}", file=sys.stderr)
-            return 2
+        train_dir, assets = prepare_demo(args.output_dir, args.overwrite)  # user errors before anything is touched
         run_demo(train_dir, assets)
         return 0
     raise SystemExit(f"aira-moe: unknown command {command!r} (check, eval, export-lora, tiny, demo)")

@@ -13,6 +13,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
+from ..errors import UserError
 from .collaboration import adapter_scaling, random_pairings
 from .quantized import quantization_kind
 from .strategies import CollaborationStrategy, get_strategy
@@ -113,7 +114,7 @@ class AiraMoeLayer(BaseTunerLayer):
                 base_layer.weight.shape
             )
         else:
-            raise ValueError(
+            raise UserError(
                 f"AiraMoe can only adapt torch.nn.Linear (or transformers Conv1D) modules, got {type(base_layer).__name__}; "
                 "remove it from `target_modules`."
             )
@@ -336,7 +337,7 @@ class Linear(nn.Module, AiraMoeLayer):
             if active_adapter in self.strategy:  # refused before anything is merged
                 self.strategy[active_adapter].refuse_token_dependent(f"merged into the weight of {self.layer_key}")
         if self.base_quantization is not None:
-            raise ValueError(
+            raise UserError(
                 f"cannot merge aira_moe into the {self.base_quantization} quantised weight of {self.layer_key}: load the "
                 "unquantised base model and merge there (e.g. `llamafactory-cli export` without `quantization_bit`)"
             )

@@ -9,6 +9,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..errors import UserError
 from .config import AiraMoeConfig
 from .layer import AiraMoeLayer, Linear, StepCounter
 
@@ -91,14 +92,14 @@ class AiraMoeModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         is_conv1d = type(base).__name__ == "Conv1D"
         if not isinstance(base, nn.Linear) and not is_conv1d:
-            raise ValueError(
+            raise UserError(
                 f"`target_modules` matched {current_key!r}, a {type(base).__name__}; AiraMoe adapts only torch.nn.Linear "
                 "(and transformers Conv1D) modules."
             )
         if is_conv1d and not config.fan_in_fan_out:
-            raise ValueError(f"{current_key!r} is a Conv1D with an (in, out) weight: set `fan_in_fan_out=True`.")
+            raise UserError(f"{current_key!r} is a Conv1D with an (in, out) weight: set `fan_in_fan_out=True`.")
         if not is_conv1d and config.fan_in_fan_out:
-            raise ValueError(f"`fan_in_fan_out=True` but {current_key!r} is a torch.nn.Linear: set `fan_in_fan_out=False`.")
+            raise UserError(f"`fan_in_fan_out=True` but {current_key!r} is a torch.nn.Linear: set `fan_in_fan_out=False`.")
         return Linear(
             target,
             adapter_name,
@@ -112,7 +113,7 @@ class AiraMoeModel(BaseTuner):
         super()._check_new_adapter_config(config)
         awsvd_adapters = [name for name, conf in self.peft_config.items() if getattr(conf, "use_awsvd_init", False)]
         if len(awsvd_adapters) > 1:
-            raise ValueError(
+            raise UserError(
                 f"Only one adapter per model may use `use_awsvd_init` (it rewrites the base weight); found {awsvd_adapters}."
             )
 

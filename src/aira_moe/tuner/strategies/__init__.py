@@ -1,6 +1,7 @@
 """The collaboration strategies (``cola_strategy``), one object each, and their registry: the one place, with the config
 parser, that knows them by name. Adding a strategy: docs/method.md, "How to add a strategy"."""
 
+from ...errors import UserError
 from .base import CollaborationStrategy, TokenDependentUpdateError
 from .fixed import FixedPairing, FullStrategy, HeuristicStrategy, RandomStrategy
 from .routed import RoutedStrategy
@@ -14,7 +15,7 @@ def get_strategy(name: str) -> CollaborationStrategy:
     """The strategy object of ``cola_strategy`` = ``name``."""
     strategy = STRATEGIES.get(name)
     if strategy is None:
-        raise ValueError(f"`cola_strategy` must be one of {list(STRATEGIES)}, got {name!r}.")
+        raise UserError(f"`cola_strategy` must be one of {list(STRATEGIES)}, got {name!r}.")
     return strategy
 
 
