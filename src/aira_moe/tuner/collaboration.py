@@ -97,7 +97,8 @@ def scale_factors(factor_A: torch.Tensor, factor_B: torch.Tensor, *, scaling: fl
                   out_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded factors (A: (R, in), B: (out, R)) times the fixed channel weights and s, as
     dW = s * diag(out_scale) B A diag(in_scale): s goes into a channel weight when there is one (no gradient flows
-    there, so no backward kernel), else onto B. Shared by every fold (``fold_experts``, ``strategies.routed.routed_factors``)."""
+    there, so no backward kernel), else onto B. Shared by every fold (``fold_experts``,
+    ``strategies.routed.routed_factors``)."""
     if scaling != 1:
         if in_scale is not None:
             in_scale, scaling = in_scale * scaling, 1

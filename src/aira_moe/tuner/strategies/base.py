@@ -35,7 +35,8 @@ class CollaborationStrategy:
     def reset_parameters(self, layer, adapter_name: str) -> None:
         """Initialise what ``init`` added: called after the experts' init, under no_grad, from the same generator."""
 
-    def forward(self, layer, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, rank_multiple: int) -> torch.Tensor:
+    def forward(self, layer, adapter_name: str, x: torch.Tensor, dtype: torch.dtype,
+                rank_multiple: int) -> torch.Tensor:
         """The update of ``x`` (..., in) -> (..., out), computed in ``dtype`` (autocast's, else x's); a strategy may pad
         the inner dimension of its token-sized GEMMs to a multiple of ``rank_multiple`` (tensor cores)."""
         raise NotImplementedError

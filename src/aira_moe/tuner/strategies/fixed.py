@@ -85,8 +85,8 @@ class FullStrategy(FixedPairing):
                 f"allocated rank with layer-wise rank) started at A=sum(A_i), B=sum(B_j) with {num_A}x the learning "
                 f"rate on A and {num_B}x on B (weight decay and an active gradient clip differ slightly): no capacity "
                 f"beyond rank {r}, for between {min(num_A, num_B)}x and {max(num_A, num_B)}x its trainable parameters "
-                f"and optimizer state; `heuristic`/`random` reach rank {min(num_A, num_B) * r}, and `num_A: 1, num_B: 1` "
-                "spends the same parameters on a higher rank (docs/method.md).")
+                f"and optimizer state; `heuristic`/`random` reach rank {min(num_A, num_B) * r}, and "
+                "`num_A: 1, num_B: 1` spends the same parameters on a higher rank (docs/method.md).")
 
 
 class HeuristicStrategy(FixedPairing):
