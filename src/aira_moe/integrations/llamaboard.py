@@ -42,6 +42,7 @@ from .llamaboard_locales import DEFAULT_TEXT, FIXED, GROUP_TITLES, ZH_HELP, mess
 from .llamafactory import FINETUNING_TYPE
 from .patching import missing, replace
 from .preflight import CompletedRunError
+
 NOTE = "aira_moe_note"  # the panel's first line: which keys come from the LoRA panel
 
 
