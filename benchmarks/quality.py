@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import device_name, write_json  # noqa: E402
 
 import aira_moe  # noqa: E402,F401
-from aira_moe import AiraMoeConfig  # noqa: E402
+from aira_moe import AiraMoeConfig, AiraMoeModel  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -279,7 +279,7 @@ def run_one(job: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
     redistributes = (getattr(config, "init_lora_weights", None) == "eva" and config.eva_config.rho > 1
-                     or getattr(config, "cola_strategy", None) == "routed" or job["method"] in PARAMETER_CONTROLS)
+                     or getattr(config, "token_dependent", False) or job["method"] in PARAMETER_CONTROLS)
     tolerance = REDISTRIBUTED_PARAMS_TOLERANCE if redistributes else 0.0
     if abs(count - budget) > tolerance * budget:
         raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA['r']}), "
@@ -290,8 +290,8 @@ def run_one(job: dict) -> dict:
     curve = []
     for ids in batches:
         loss = model(input_ids=ids, labels=ids).loss
-        routing_loss = getattr(model.base_model, "routing_loss", lambda: None)()  # 'routed': its load-balancing loss
-        (loss if routing_loss is None else loss + routing_loss).backward()
+        # a routed adapter trains with its load-balancing loss; the curve records the language-model loss
+        (model.base_model.add_routing_loss(loss) if isinstance(model.base_model, AiraMoeModel) else loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

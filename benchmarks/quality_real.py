@@ -300,8 +300,7 @@ def method_config(name: str, model, calibration_batches: int):
             overrides["corda_config"] = CordaConfig(**overrides["corda_config"])
         return LoraConfig(**LORA, target_modules=TARGETS, **overrides), training
     shapes = module_shapes(model)
-    total, num_layers = matched_rank_budget(shapes, overrides["num_A"], overrides["num_B"],
-                                            overrides.get("cola_strategy") == "routed")
+    total, num_layers = matched_rank_budget(shapes, overrides["num_A"], overrides["num_B"], token_dependent(overrides))
     mean_rank = max(1, round(total / num_layers))
     config = dict(r=mean_rank, lora_alpha=2 * mean_rank, target_modules=TARGETS, awsvd_collect_steps=calibration_batches)
     if overrides.get("use_layer_wise_rank"):
@@ -315,10 +314,17 @@ def method_config(name: str, model, calibration_batches: int):
     return AiraMoeConfig(**config, **overrides), training
 
 
+def token_dependent(overrides: dict) -> bool:
+    """Whether an aira_moe method's update depends on the token (a router, whose parameters count in the budget)."""
+    from aira_moe.tuner.strategies import get_strategy
+
+    return get_strategy(overrides.get("cola_strategy", "full")).token_dependent
+
+
 def parameter_tolerance(name: str) -> float:
     kind, overrides = METHODS[name]
     extra = overrides.get("init_lora_weights") == "eva" or overrides.get("use_dora") or \
-        overrides.get("cola_strategy") == "routed"
+        (kind == AIRA and token_dependent(overrides))
     return EXTRA_TOLERANCE if extra else EXACT_TOLERANCE
 
 
@@ -329,6 +335,8 @@ def run_real(job: dict) -> dict:
     optimisation: AdamW without weight decay, 10 % linear warm-up then cosine decay, gradient clipping at 1.0; the
     loss is the mean NLL of the batch's response tokens."""
     from transformers import AutoModelForCausalLM
+
+    from aira_moe import AiraMoeModel
 
     torch.set_num_threads(job["threads"])
     data = torch.load(job["data"])
@@ -361,8 +369,8 @@ def run_real(job: dict) -> dict:
     for batch in batches:
         logits, targets, _ = response_logits(model, batch)
         loss = F.cross_entropy(logits, targets)
-        routing_loss = getattr(model.base_model, "routing_loss", lambda: None)()  # 'routed': its load-balancing loss
-        (loss if routing_loss is None else loss + routing_loss).backward()
+        # 'routed': plus its load-balancing loss (peft's LoRA peers have none)
+        (model.base_model.add_routing_loss(loss) if isinstance(model.base_model, AiraMoeModel) else loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

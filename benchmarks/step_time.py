@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import device_name, write_json  # noqa: E402
 
 import aira_moe  # noqa: E402,F401
-from aira_moe import AiraMoeConfig  # noqa: E402
+from aira_moe import AiraMoeConfig, AiraMoeModel  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {
@@ -105,7 +105,7 @@ def make_model(config, args, device, dtype):
         quantize_linears(base, args.bits, device, dtype)
     model = get_peft_model(base, config)
     if args.checkpointing:  # as LLaMA-Factory trains by default (non-reentrant for 'routed', as the seam sets it)
-        routed = getattr(config, "cola_strategy", None) == "routed"
+        routed = getattr(config, "token_dependent", False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": not routed})
     for param in model.parameters():
         if param.requires_grad:
@@ -121,9 +121,9 @@ def one_step(model, optimizer, hidden, device):
     with autocast:
         out = model(inputs_embeds=hidden).last_hidden_state
         loss = out.float().pow(2).mean()
-    routing_loss = getattr(model.base_model, "routing_loss", None)  # 'routed': its load-balancing loss, as trained
-    extra = routing_loss() if routing_loss is not None else None
-    (loss if extra is None else loss + extra).backward()
+    if isinstance(model.base_model, AiraMoeModel):  # a routed adapter's load-balancing loss, as trained
+        loss = model.base_model.add_routing_loss(loss)
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -10,7 +10,7 @@ from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from aira_moe import AiraMoeConfig
-from aira_moe.tuner.collaboration import full_equivalence_note
+from aira_moe.tuner.strategies import get_strategy
 from aira_moe.tuner.layer import AiraMoeLayer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,9 +106,9 @@ def test_without_the_correction_the_two_part(weight_decay, max_norm):
 
 
 def test_note_names_the_equivalent_lora():
-    assert full_equivalence_note(num_A=1, num_B=1, r=8, cola_strategy="full") is None
-    assert full_equivalence_note(num_A=2, num_B=3, r=8, cola_strategy="heuristic") is None
-    note = full_equivalence_note(num_A=2, num_B=3, r=8, cola_strategy="full")
+    assert get_strategy("full").config_note(num_A=1, num_B=1, r=8) is None
+    assert get_strategy("heuristic").config_note(num_A=2, num_B=3, r=8) is None
+    note = get_strategy("full").config_note(num_A=2, num_B=3, r=8)
     assert "\n" not in note
     for part in ("rank-8 LoRA", "2x", "3x", "between 2x and 3x", "heuristic", "num_A: 1, num_B: 1"):
         assert part in note, part
@@ -148,4 +148,4 @@ def test_check_logs_the_equivalence_once(strategy, expected, tmp_path):
     notes = [line for line in collect.lines if "trains exactly a rank-" in line]
     assert len(notes) == expected, collect.lines
     if expected:
-        assert notes == [full_equivalence_note(args["num_A"], args["num_B"], args["lora_rank"], "full")]
+        assert notes == [get_strategy("full").config_note(args["num_A"], args["num_B"], args["lora_rank"])]

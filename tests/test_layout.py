@@ -78,3 +78,27 @@ def test_tuner_does_not_import_export():
     for module, targets in graph.items():
         if module.startswith("aira_moe.tuner"):
             assert not any(t.startswith("aira_moe.export") for t in targets), (module, targets)
+
+
+def test_strategy_names_are_compared_only_by_the_registry_and_the_config():
+    """A strategy is asked for what it does, never recognised by its name: outside the strategy registry
+    (tuner/strategies/) and the config that parses ``cola_strategy``, no comparison involves a strategy's name."""
+    from aira_moe.tuner.strategies import STRATEGIES
+
+    repo = os.path.join(SRC, "..", "..")
+    allowed = {os.path.join("src", "aira_moe", "tuner", "strategies"), os.path.join("src", "aira_moe", "tuner", "config.py")}
+    found = []
+    for top in ("src", "benchmarks"):
+        for folder, _, files in os.walk(os.path.join(repo, top)):
+            for file in files:
+                relative = os.path.relpath(os.path.join(folder, file), repo)
+                if not file.endswith(".py") or any(relative.startswith(prefix) for prefix in allowed):
+                    continue
+                for node in ast.walk(ast.parse(open(os.path.join(repo, relative), encoding="utf-8").read())):
+                    # (about a strategy: `solver == "full"` names the SVD, not a strategy)
+                    if not isinstance(node, ast.Compare) or "strateg" not in ast.unparse(node):
+                        continue
+                    literals = [leaf.value for side in (node.left, *node.comparators) for leaf in ast.walk(side)
+                                if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str)]
+                    found += [f"{relative}:{node.lineno} {name!r}" for name in literals if name in STRATEGIES]
+    assert not found, found

@@ -14,7 +14,8 @@ from test_calibration import _free_port
 
 from aira_moe import AiraMoeConfig
 from aira_moe.export import to_lora_adapter
-from aira_moe.tuner.collaboration import TokenDependentUpdate, heuristic_pairing
+from aira_moe.tuner.collaboration import heuristic_pairing
+from aira_moe.tuner.strategies import TokenDependentUpdateError
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -123,13 +124,13 @@ def test_channel_weights_and_the_router_input():
 
 def test_merge_and_lora_export_refuse_in_one_line(tmp_path):
     model, layer = one_layer("routed")
-    with pytest.raises(TokenDependentUpdate) as merge_error:
+    with pytest.raises(TokenDependentUpdateError) as merge_error:
         model.merge_and_unload()
     message = str(merge_error.value)
     assert "\n" not in message and "depends on the token" in message and "unmerged" in message
     assert torch.equal(layer.base_layer.weight, layer.get_base_layer().weight)  # nothing half-merged
     assert not layer.merged
-    with pytest.raises(TokenDependentUpdate, match="exported as a standard LoRA"):
+    with pytest.raises(TokenDependentUpdateError, match="exported as a standard LoRA"):
         to_lora_adapter(model, str(tmp_path / "lora"))
     assert not (tmp_path / "lora").exists()
     model.save_pretrained(tmp_path / "adapter")

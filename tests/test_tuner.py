@@ -15,8 +15,9 @@ from conftest import make_tiny_llama
 from peft import get_peft_model
 
 from aira_moe import AiraMoeConfig
-from aira_moe.tuner.collaboration import concat_padded, effective_factors, heuristic_pairing, random_pairings
+from aira_moe.tuner.collaboration import concat_padded, heuristic_pairing, random_pairings
 from aira_moe.tuner.layer import AiraMoeLayer
+from aira_moe.tuner.strategies import get_strategy
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -274,8 +275,8 @@ def test_rank_padding_for_tensor_cores_changes_neither_update_nor_gradients(stra
     x, in_scale = torch.randn(5, 16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
     results = []
     for multiple in (1, 8):
-        factor_A, factor_B = effective_factors(experts_A, experts_B, strategy=strategy, scaling=1.5, pairing=pairing,
-                                               in_scale=in_scale)
+        factor_A, factor_B = get_strategy(strategy).fold(experts_A, experts_B, scaling=1.5, pairing=pairing,
+                                                         in_scale=in_scale)
         factor_A, factor_B = concat_padded([factor_A], [factor_B], multiple)
         assert factor_A.shape[0] == factor_B.shape[1] and factor_A.shape[0] % multiple == 0
         out = x @ factor_A.T @ factor_B.T

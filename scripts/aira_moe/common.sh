@@ -142,13 +142,14 @@ check_eval_tasks() {  # the tasks of the uncommented eval block must be readable
   python - "$TASK_DIR" "${tasks[@]}" <<'PY'
 import sys
 
+from aira_moe.errors import UserError
 from aira_moe.evaluation.tasks import load_task
 
 task_dir = sys.argv[1]
 for task in sys.argv[2:]:
     try:
         load_task(task, task_dir)
-    except (FileNotFoundError, ValueError) as error:  # reported, and the recipe stops before training
+    except UserError as error:  # reported, and the recipe stops before training
         print(f"aira_moe: the eval block scores {task} from TASK_DIR={task_dir}: {error}", file=sys.stderr)
         sys.exit(2)
 PY

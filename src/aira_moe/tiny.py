@@ -9,6 +9,7 @@ import json
 import os
 import random
 
+from .errors import UserError
 from .evaluation.prompts import SYSTEM, format_question
 from .evaluation.tasks import LETTERS, Question
 
@@ -163,12 +164,12 @@ def build_tiny_assets(output_dir: str, num_train: int = 256, num_test: int = 64,
             built = json.load(handle).get("settings")
         if built == settings:
             return paths
-        raise ValueError(
+        raise UserError(
             f"{output_dir} holds tiny assets built with {built} (here: {settings}); "
             "remove that directory or choose another --output_dir"
         )
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not a tiny-assets directory; choose another --output_dir")
+        raise UserError(f"{output_dir} exists and is not a tiny-assets directory; choose another --output_dir")
     train = colour_items(num_train, seed)
     test = colour_items(num_test, seed + 1)
     dev = colour_items(5, seed + 2)

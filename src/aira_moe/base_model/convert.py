@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import ExistingOutputError, MissingFileError, UserError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 PROVENANCE_FILE = "aira_moe_base.json"
@@ -48,7 +48,7 @@ def _reader(path: str):
     from gguf import GGUFReader
 
     if not os.path.isfile(path):
-        raise UserError(f"--gguf: no file {path}")
+        raise MissingFileError(f"--gguf: no file {path}")
     try:
         return GGUFReader(path)
     except (ValueError, OSError) as error:  # gguf's own check of the magic number / layout
@@ -95,10 +95,10 @@ def _prepare_out_dir(out_dir: str, gguf_sha256: str) -> "ConvertedModel | None":
             provenance = json.load(handle)
         if provenance.get("gguf_sha256") == gguf_sha256:
             return ConvertedModel(out_dir, provenance.get("template"), provenance, cached=True)
-        raise UserError(f"--out {out_dir} holds a conversion of another GGUF ({provenance.get('source')}); "
+        raise ExistingOutputError(f"--out {out_dir} holds a conversion of another GGUF ({provenance.get('source')}); "
                         "choose another --out or remove that directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UserError(f"--out {out_dir} exists and is not empty; choose another --out or remove it")
+        raise ExistingOutputError(f"--out {out_dir} exists and is not empty; choose another --out or remove it")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; choose a directory")
     return None

@@ -6,6 +6,10 @@ import json
 import os
 from typing import Optional
 
+# the report's files in a run's output_dir (LlamaBoard shows them, the adapter checks read the JSON)
+REPORT_JSON = "aira_moe_allocation.json"
+REPORT_PNG = "aira_moe_allocation.png"
+
 
 def build_report(
     *,
@@ -66,7 +70,7 @@ def format_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, output_dir: str) -> dict[str, str]:
-    """Write aira_moe_allocation.json and aira_moe_allocation.png into ``output_dir``; returns their paths. Each file
+    """Write REPORT_JSON and REPORT_PNG into ``output_dir``; returns their paths. Each file
     is written under a temporary name and renamed, so a reader (LlamaBoard polls while training runs) never sees half
     a file."""
     import matplotlib
@@ -75,11 +79,11 @@ def write_report(report: dict, output_dir: str) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(output_dir, exist_ok=True)
-    json_path = os.path.join(output_dir, "aira_moe_allocation.json")
+    json_path = os.path.join(output_dir, REPORT_JSON)
     with open(json_path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     os.replace(json_path + ".tmp", json_path)
-    png_path = os.path.join(output_dir, "aira_moe_allocation.png")
+    png_path = os.path.join(output_dir, REPORT_PNG)
     rows = report["layers"]
     fig, ax_rank = plt.subplots(figsize=(max(6, 0.3 * len(rows) + 2), 4))
     positions = range(len(rows))

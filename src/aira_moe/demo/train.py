@@ -7,14 +7,15 @@ import os
 import shutil
 import subprocess
 
-from ..errors import UserError
+from ..calibration.report import REPORT_JSON
+from ..errors import ExistingOutputError
 
 
 def prepare_train_dir(output_dir: str, overwrite: bool) -> str:
     """``<output_dir>/train``: an existing one is refused without ``overwrite`` (nothing touched), removed with it."""
     train_dir = os.path.join(os.path.abspath(output_dir), "train")
     if os.path.exists(train_dir) and not overwrite:
-        raise UserError(f"{train_dir} exists; pass --overwrite or another --output_dir")
+        raise ExistingOutputError(f"{train_dir} exists; pass --overwrite or another --output_dir")
     return train_dir
 
 
@@ -47,5 +48,5 @@ def run_llamafactory_train(config: dict, output_dir: str, say) -> dict:
 
 
 def read_allocation(train_dir: str) -> dict:
-    with open(os.path.join(train_dir, "aira_moe_allocation.json"), encoding="utf-8") as handle:
+    with open(os.path.join(train_dir, REPORT_JSON), encoding="utf-8") as handle:
         return json.load(handle)

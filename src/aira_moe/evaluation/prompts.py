@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from ..errors import UserError
 from .tasks import LETTERS, Question, Subject
 
 SYSTEM = {
@@ -23,7 +24,7 @@ def select_shots(subject: Subject, n_shot: int, seed: int) -> list[Question]:
     if n_shot == 0:
         return []
     if len(subject.dev) < n_shot:
-        raise ValueError(
+        raise UserError(
             f"`n_shot`={n_shot} but subject {subject.name!r} has {len(subject.dev)} dev examples in `task_dir`; "
             "lower n_shot (0 works for every task)"
         )
@@ -34,7 +35,7 @@ def build_messages(subject: Subject, question: Question, shots: list[Question], 
     """(system, messages): each shot is a user turn (the formatted question) answered by an assistant turn (the letter);
     the scored question is the last user turn, followed by its answer turn (the template encodes the prompt up to it)."""
     if lang not in SYSTEM:
-        raise ValueError(f"`lang` must be one of {sorted(SYSTEM)}, got {lang!r}")
+        raise UserError(f"`lang` must be one of {sorted(SYSTEM)}, got {lang!r}")
     messages = []
     for shot in shots + [question]:
         messages.append({"role": "user", "content": format_question(shot)})

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapter_paths import require_adapter_dirs, token_dependent_adapters
+from ..errors import UserError
 from .prompts import build_messages, select_shots
 from .scoring import choice_token_ids, fit_prompt, score_choices
 from .tasks import LETTERS, TASKS, load_task, task_exists
@@ -59,36 +60,36 @@ class EvalArguments:
 
     def validate(self) -> None:
         if not task_exists(self.task, self.task_dir):
-            raise ValueError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a "
-                             f"mapping.json; got {self.task!r} with task_dir {self.task_dir!r}")
+            raise UserError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a "
+                            f"mapping.json; got {self.task!r} with task_dir {self.task_dir!r}")
         if self.finetuning_type not in FINETUNING_TYPES:
-            raise ValueError(f"`finetuning_type` must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
+            raise UserError(f"`finetuning_type` must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
         if self.adapter_name_or_path and self.finetuning_type not in ADAPTER_TYPES:
-            raise ValueError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
+            raise UserError(f"`adapter_name_or_path` needs an adapter `finetuning_type` {ADAPTER_TYPES}, got {self.finetuning_type!r}")
         require_adapter_dirs(self.adapter_name_or_path)
         if self.n_shot < 0:
-            raise ValueError(f"`n_shot` must be >= 0, got {self.n_shot}")
+            raise UserError(f"`n_shot` must be >= 0, got {self.n_shot}")
         if self.max_questions is not None and self.max_questions < 1:
-            raise ValueError(f"`max_questions` must be >= 1, got {self.max_questions}")
+            raise UserError(f"`max_questions` must be >= 1, got {self.max_questions}")
         if self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
+            raise UserError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.lang not in ("en", "zh"):
-            raise ValueError(f"`lang` must be 'en' or 'zh', got {self.lang!r}")
+            raise UserError(f"`lang` must be 'en' or 'zh', got {self.lang!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UserError(f"`dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization_bit not in (None, 4, 8):
-            raise ValueError(f"`quantization_bit` must be 4 or 8, got {self.quantization_bit}")
+            raise UserError(f"`quantization_bit` must be 4 or 8, got {self.quantization_bit}")
         adapters = _adapter_paths(self.adapter_name_or_path)
         if self.quantization_bit and len(adapters) > 1:
-            raise ValueError(f"`adapter_name_or_path` lists {len(adapters)} adapters, "
-                             f"but a {self.quantization_bit}-bit base keeps its adapter unmerged: pass one")
+            raise UserError(f"`adapter_name_or_path` lists {len(adapters)} adapters, "
+                            f"but a {self.quantization_bit}-bit base keeps its adapter unmerged: pass one")
         routed = token_dependent_adapters(adapters)
         if routed and routed != adapters[-1:]:
-            raise ValueError(f"`adapter_name_or_path`: {routed[0]} is a routed adapter, whose update depends on the "
-                             "token, so it is kept unmerged: list it last (the adapters before it are merged)")
+            raise UserError(f"`adapter_name_or_path`: {routed[0]} is a routed adapter, whose update depends on the "
+                            "token, so it is kept unmerged: list it last (the adapters before it are merged)")
         if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
-            raise ValueError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
-                             "another --save_dir")
+            raise UserError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
+                            "another --save_dir")
 
 
 def _adapter_paths(paths: Optional[str]) -> list[str]:

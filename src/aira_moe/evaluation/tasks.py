@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..errors import MissingFileError, UserError
+
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -39,7 +41,7 @@ def _read_rows(path: str, encoding: str, header: bool) -> list[Question]:
     for text, options, answer in items:
         answer = answer.strip()
         if answer not in LETTERS:
-            raise ValueError(f"{path}: answer must be one of A-D, got {answer!r}")
+            raise UserError(f"{path}: answer must be one of A-D, got {answer!r}")
         questions.append(Question(text, options, answer))
     return questions
 
@@ -53,7 +55,7 @@ def _mapping(path: str) -> dict:
 
 def _require(path: str, task: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"task {task!r}: {path} not found; check `task_dir` (layout in docs/evaluation.md)")
+        raise MissingFileError(f"task {task!r}: {path} not found; check `task_dir` (layout in docs/evaluation.md)")
     return path
 
 
@@ -80,7 +82,7 @@ def load_fineval(task_dir: str) -> list[Subject]:
         title = mapping.get(name, {}).get("name", name.replace("_", " "))
         subjects.append(Subject(name, title, _read_rows(path, "utf-8-sig", header=True), dev))
     if not subjects:
-        raise FileNotFoundError(f"task 'fineval': no CSV files in {root}")
+        raise MissingFileError(f"task 'fineval': no CSV files in {root}")
     return subjects
 
 
@@ -136,12 +138,12 @@ def load_custom(task: str, task_dir: str) -> list[Subject]:
     root = custom_task_dir(task, task_dir)
     mapping = _mapping(os.path.join(root, "mapping.json"))
     if not mapping:
-        raise FileNotFoundError(f"task {task!r}: no mapping.json in {root} (layout in docs/evaluation.md)")
+        raise MissingFileError(f"task {task!r}: no mapping.json in {root} (layout in docs/evaluation.md)")
     subjects = []
     for name in sorted(mapping):
         scored = _split_file(root, name, "test") or _split_file(root, name, "val")
         if scored is None:
-            raise FileNotFoundError(f"task {task!r}: no {name}_test.csv or {name}_val.csv in {root}")
+            raise MissingFileError(f"task {task!r}: no {name}_test.csv or {name}_val.csv in {root}")
         dev_path = _split_file(root, name, "dev")
         subjects.append(Subject(name, mapping[name].get("name", name.replace("_", " ")), _read_rows_any(scored),
                                 _read_rows_any(dev_path) if dev_path else []))
@@ -156,6 +158,6 @@ def load_task(task: str, task_dir: str) -> list[Subject]:
     if task in TASKS:
         return TASKS[task](task_dir)
     if not task_exists(task, task_dir):
-        raise ValueError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a mapping.json; "
-                         f"got {task!r} (no {os.path.join(custom_task_dir(task, task_dir), 'mapping.json')})")
+        raise UserError(f"`task` must be one of {sorted(TASKS)} or a directory <task_dir>/<task> with a mapping.json; "
+                        f"got {task!r} (no {os.path.join(custom_task_dir(task, task_dir), 'mapping.json')})")
     return load_custom(task, task_dir)

@@ -20,7 +20,10 @@ from typing import Optional
 
 import torch
 
-from ..tuner.collaboration import adapter_scaling, get_strategy
+from ..errors import ExistingOutputError, MissingFileError, UserError
+from ..tuner._registry import PEFT_TYPE_NAME
+from ..tuner.collaboration import adapter_scaling
+from ..tuner.strategies import get_strategy
 
 STATE_PREFIX = "base_model.model."  # peft's saved-key prefix for a PeftModel around a transformers model
 AIRA_SUFFIXES = ("aira_moe_A", "aira_moe_B", "aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B")
@@ -45,13 +48,10 @@ def module_update_factors(module: ModuleAdapter) -> tuple[torch.Tensor, torch.Te
     """(A: R x in, B: out x R) in fp64 with B @ A = the module's update against the original base weight."""
     experts_A, experts_B = module.experts_A.double(), module.experts_B.double()
     scale = None if module.channel_scale is None else module.channel_scale.double()
-    strategy = get_strategy(module.strategy)
-    pairing = strategy.fixed_pairing(experts_A.shape[0], experts_B.shape[0])  # else the eval pairing (E[M] for random)
-    factor_A, factor_B = strategy.fold(
+    factor_A, factor_B = get_strategy(module.strategy).fold(  # the eval pairing (E[M] for random)
         experts_A,
         experts_B,
         scaling=module.scaling,
-        pairing=None if pairing is None else pairing.double(),
         in_scale=scale if module.activation_mode == "inps" else None,
         out_scale=scale if module.activation_mode == "outps" else None,
     )
@@ -61,9 +61,9 @@ def module_update_factors(module: ModuleAdapter) -> tuple[torch.Tensor, torch.Te
     return factor_A, factor_B
 
 
-def refuse_token_dependent(config) -> None:
-    """One-line error, before any work, for an adapter whose update has no fixed weight ('routed')."""
-    get_strategy(config.cola_strategy).check_fixed_update("exported as a standard LoRA adapter")
+def _refuse_token_dependent(config) -> None:
+    """Before any work: an adapter whose update depends on the token has no fixed weight to export."""
+    get_strategy(config.cola_strategy).refuse_token_dependent("exported as a standard LoRA adapter")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def reduce_rank(factor_A: torch.Tensor, factor_B: torch.Tensor, max_rank: Option
     keep = needed
     if max_rank is not None and needed > max_rank:
         if not truncate:
-            raise ValueError(
+            raise UserError(
                 f"{name} needs rank {needed} to be exported exactly, above `max_rank`={max_rank}; raise `max_rank` to "
                 f"{needed} or pass `truncate` to keep the top {max_rank} singular directions (the error is reported)"
             )
@@ -108,7 +108,7 @@ def _load_state_dict(adapter_dir: str) -> dict[str, torch.Tensor]:
     bin_path = os.path.join(adapter_dir, "adapter_model.bin")
     if os.path.isfile(bin_path):
         return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no adapter weights in {adapter_dir} (adapter_model.safetensors or adapter_model.bin)")
+    raise MissingFileError(f"no adapter weights in {adapter_dir} (adapter_model.safetensors or adapter_model.bin)")
 
 
 def read_aira_moe_adapter(adapter_dir: str):
@@ -118,13 +118,13 @@ def read_aira_moe_adapter(adapter_dir: str):
 
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no adapter at {adapter_dir}: {config_path} does not exist")
+        raise MissingFileError(f"no adapter at {adapter_dir}: {config_path} does not exist")
     with open(config_path, encoding="utf-8") as handle:
         peft_type = json.load(handle).get("peft_type")
-    if peft_type != "AIRA_MOE":
-        raise ValueError(f"{adapter_dir} holds a {peft_type} adapter, not an aira_moe (AIRA_MOE) one")
+    if peft_type != PEFT_TYPE_NAME:
+        raise UserError(f"{adapter_dir} holds a {peft_type} adapter, not an aira_moe ({PEFT_TYPE_NAME}) one")
     config = AiraMoeConfig.from_pretrained(adapter_dir)
-    refuse_token_dependent(config)
+    _refuse_token_dependent(config)
     state = _load_state_dict(adapter_dir)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     other = {}
@@ -149,7 +149,7 @@ def read_aira_moe_adapter(adapter_dir: str):
             init_B=tensors.get("aira_moe_init_B"),
         )
     if not modules:
-        raise ValueError(f"{adapter_dir} has no aira_moe weights")
+        raise UserError(f"{adapter_dir} has no aira_moe weights")
     return config, modules, other
 
 
@@ -160,7 +160,7 @@ def _refuse_ranks_above(max_rank: Optional[int], truncate: bool, rank_needed: di
     over = sorted((rank, name) for name, rank in rank_needed.items() if rank > max_rank)
     if over:
         needed, worst = over[-1]
-        raise ValueError(
+        raise UserError(
             f"{len(over)} of {len(rank_needed)} modules need a rank above `--max_rank` {max_rank} to be exported "
             f"exactly (the largest, {worst}, needs {needed}); pass `--max_rank {needed}` or more, or `--truncate` to "
             f"keep the top {max_rank} singular directions of each (the errors are reported)"
@@ -173,14 +173,14 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
     """Write ``modules`` as a peft LoRA adapter in ``out_dir``; returns a report (rank, per-module ranks and errors)."""
     from safetensors.torch import save_file
 
-    refuse_token_dependent(config)
+    _refuse_token_dependent(config)
     if config.bias != "none":
-        raise ValueError(f"`bias`={config.bias!r}: trained biases have no place in a standard LoRA adapter; only "
-                         "bias='none' adapters can be exported")
+        raise UserError(f"`bias`={config.bias!r}: trained biases have no place in a standard LoRA adapter; only "
+                        "bias='none' adapters can be exported")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+        raise ExistingOutputError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
+        raise UserError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
     reduced = {}
     for name, module in modules.items():
         factor_A, factor_B = module_update_factors(module)
@@ -240,7 +240,7 @@ def modules_from_model(tuner, adapter_name: str):
     modules = {}
     for name, layer in tuner.aira_moe_layers(adapter_name).items():
         if layer.merged:
-            raise ValueError(f"{name} has merged adapters; unmerge them before exporting (the base weight holds them)")
+            raise UserError(f"{name} has merged adapters; unmerge them before exporting (the base weight holds them)")
         modules[name] = ModuleAdapter(
             experts_A=layer.aira_moe_A[adapter_name].detach(),
             experts_B=layer.aira_moe_B[adapter_name].detach(),
@@ -276,7 +276,7 @@ def to_lora_adapter(model, out_dir: str, adapter_name: Optional[str] = None, *, 
 
     tuner = model if isinstance(model, AiraMoeModel) else getattr(model, "base_model", None)
     if not isinstance(tuner, AiraMoeModel):
-        raise ValueError(f"to_lora_adapter needs a PeftModel holding an aira_moe adapter, got {type(model).__name__}")
+        raise UserError(f"to_lora_adapter needs a PeftModel holding an aira_moe adapter, got {type(model).__name__}")
     adapter_name = adapter_name or tuner.active_adapters[0]
     modules, other = modules_from_model(tuner, adapter_name)
     return write_lora_adapter(tuner.peft_config[adapter_name], modules, other, out_dir, max_rank=max_rank,

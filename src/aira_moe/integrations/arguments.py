@@ -7,6 +7,7 @@ import dataclasses
 import typing
 from typing import Optional, Union
 
+from ..errors import UserError
 from ..tuner.config import AiraMoeConfig
 
 # AiraMoeConfig fields that are YAML keys under their own name. LoRA's keys keep their LLaMA-Factory names and meaning:
@@ -58,7 +59,7 @@ SWITCHES = (
     ("`awsvd_mode: residual`", lambda config: config.awsvd_mode == "residual", ("awsvd_split",)),
     ("`use_activation_aware: true`", lambda config: config.use_activation_aware,
      ("activation_aware_mode", "activation_normalize")),
-    ("`cola_strategy: routed`", lambda config: config.cola_strategy == "routed", ("router_aux_loss_coef",)),
+    ("`cola_strategy: routed`", lambda config: config.token_dependent, ("router_aux_loss_coef",)),
     ("one of `use_layer_wise_rank` / `use_awsvd_init` / `use_activation_aware`",
      lambda config: config.needs_calibration,
      ("awsvd_collect_steps",)),
@@ -75,15 +76,15 @@ def refuse_inert_keys(config: AiraMoeConfig) -> None:
         inert = [key for key in keys if getattr(config, key) != defaults[key]]
         if inert:
             named = ", ".join(f"`{key}`={getattr(config, key)!r}" for key in inert)
-            raise ValueError(f"{named} {'has' if len(inert) == 1 else 'have'} no effect without {switch}; set that "
-                             f"or remove {'it' if len(inert) == 1 else 'them'}.")
+            raise UserError(f"{named} {'has' if len(inert) == 1 else 'have'} no effect without {switch}; set that "
+                            f"or remove {'it' if len(inert) == 1 else 'them'}.")
 
 
 def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool = True) -> AiraMoeConfig:
     """AiraMoeConfig from parsed arguments (LLaMA-Factory's FinetuningArguments extended with AiraMoeArguments); the
     config parses ``rank_budget`` and validates every key, naming it, and a key whose switch is off is refused."""
     if isinstance(args.lora_rank, bool) or not isinstance(args.lora_rank, int) or args.lora_rank < 1:
-        raise ValueError(f"`lora_rank` must be an integer >= 1, got {args.lora_rank!r}.")
+        raise UserError(f"`lora_rank` must be an integer >= 1, got {args.lora_rank!r}.")
     targets = list(args.lora_target)
     target_modules: Optional[Union[list[str], str]] = "all-linear" if targets == ["all"] else targets
     config = AiraMoeConfig(

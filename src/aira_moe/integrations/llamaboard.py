@@ -34,13 +34,15 @@ import yaml
 
 from aira_moe_startup import unsupported
 
+from ..calibration.report import REPORT_JSON, REPORT_PNG
+from ..errors import UserError, one_line
 from ..tuner.config import AiraMoeConfig
 from .arguments import METHOD_KEYS, AiraMoeArguments
 from .llamaboard_locales import DEFAULT_TEXT, FIXED, GROUP_TITLES, ZH_HELP, message, translated
-from .llamafactory import FINETUNING_TYPE, _fail, _replace
+from .llamafactory import FINETUNING_TYPE
+from .patching import missing, replace
+from .preflight import CompletedRunError
 
-ALLOCATION_JSON = "aira_moe_allocation.json"
-ALLOCATION_PNG = "aira_moe_allocation.png"
 NOTE = "aira_moe_note"  # the panel's first line: which keys come from the LoRA panel
 
 
@@ -117,13 +119,13 @@ def _widget(key: PanelKey):
 def argument_value(key: PanelKey, value):
     """The training-argument value of a panel field; an emptied field is an error, not a silent default."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"`{key.name}` is empty; set a value (default {key.default!r}).")
+        raise UserError(f"`{key.name}` is empty; set a value (default {key.default!r}).")
     if key.kind != "yaml":
         return value
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:
-        raise ValueError(f"`{key.name}`={value!r} is not a single value.") from None
+        raise UserError(f"`{key.name}`={value!r} is not a single value.") from None
 
 
 def training_arguments(get) -> dict:
@@ -163,14 +165,14 @@ def _patched_parse_train_args(original):
 
 def check_message(args: dict, lang: str) -> str:
     """'' when ``llamafactory-cli train`` would accept ``args``, else the one line ``aira-moe check`` prints."""
-    from .llamafactory import CompletedRunError, check_train_config
+    from .llamafactory import check_train_config
 
     try:
         check_train_config(args, refuse_complete_run=True)
     except CompletedRunError:  # the seam would train nothing and exit 0: say so before starting a process
         return message("complete_run", lang, output_dir=args["output_dir"])
-    except (FileNotFoundError, ValueError) as error:
-        return " ".join(str(error).split())
+    except UserError as error:
+        return one_line(error)
     return ""
 
 
@@ -182,7 +184,7 @@ def _patched_initialize(original):
             return error
         try:
             args = self._parse_train_args(data)
-        except ValueError as bad_field:
+        except UserError as bad_field:
             return str(bad_field)
         return check_message(args, data[self.manager.get_elem_by_id("top.lang")])
 
@@ -214,7 +216,7 @@ def _place_after(block, anchor) -> None:
     """Move ``block`` (just rendered into ``anchor``'s parent) to right after ``anchor`` in the layout."""
     siblings = getattr(anchor.parent, "children", None)
     if siblings is None or block.parent is not anchor.parent or block not in siblings:
-        raise _fail(f"the LlamaBoard layout around {type(anchor).__name__} (gradio {gr.__version__})")
+        raise missing(f"the LlamaBoard layout around {type(anchor).__name__} (gradio {gr.__version__})")
     siblings.remove(block)
     siblings.insert(siblings.index(anchor) + 1, block)
 
@@ -225,7 +227,7 @@ def _report_paths(model_name, finetuning_type, output_dir) -> Optional[tuple[str
     if finetuning_type != FINETUNING_TYPE or not model_name or not output_dir:
         return None
     directory = get_save_dir(model_name, finetuning_type, output_dir)
-    paths = (os.path.join(directory, ALLOCATION_JSON), os.path.join(directory, ALLOCATION_PNG))
+    paths = (os.path.join(directory, REPORT_JSON), os.path.join(directory, REPORT_PNG))
     return paths if all(os.path.isfile(path) for path in paths) else None
 
 
@@ -261,7 +263,7 @@ def _build_panel():
 def _stock(elements: dict, name: str):
     """A component the stock tab returned; LlamaBoard's layout changed if it is not there."""
     if name not in elements:
-        raise _fail(f"the LlamaBoard component {name!r}")
+        raise missing(f"the LlamaBoard component {name!r}")
     return elements[name]
 
 
@@ -320,8 +322,8 @@ def export_lora_from_ui(lang, model_name, finetuning_type, checkpoint_path, expo
         adapter_dir = get_save_dir(model_name, finetuning_type, checkpoints[0])
         try:
             report = export_lora(adapter_dir, export_dir)
-        except (FileNotFoundError, FileExistsError, ValueError) as refused:  # the CLI's user errors, same line
-            error = " ".join(str(refused).split())
+        except UserError as refused:  # the CLI's user errors, same line
+            error = one_line(refused)
         else:
             return message("exported", lang, **report)
     gr.Warning(error)
@@ -353,7 +355,7 @@ def _add_locales(locales: dict) -> None:
     languages = tuple(locales["lora_tab"])
     for name, entry in panel_locales(languages).items():
         if locales.setdefault(name, entry) != entry:  # LlamaBoard names an element of its own the same
-            raise _fail(f"a free LlamaBoard locale name for the aira_moe panel element {name!r} (taken)")
+            raise missing(f"a free LlamaBoard locale name for the aira_moe panel element {name!r} (taken)")
 
 
 def install() -> None:
@@ -368,13 +370,13 @@ def install() -> None:
 
     for name in ("METHODS", "PEFT_METHODS"):
         if not hasattr(constants, name):
-            raise _fail(f"llamafactory.extras.constants.{name}")
+            raise missing(f"llamafactory.extras.constants.{name}")
     if FINETUNING_TYPE not in constants.METHODS:
         constants.METHODS.append(FINETUNING_TYPE)  # the list and set are shared by name with every webui module
     constants.PEFT_METHODS.add(FINETUNING_TYPE)
     _add_locales(locales.LOCALES)
-    _replace(interface, "create_train_tab", _patched_create_train_tab)
-    _replace(interface, "create_export_tab", _patched_create_export_tab)
-    _replace(runner.Runner, "_parse_train_args", _patched_parse_train_args)
-    _replace(runner.Runner, "_initialize", _patched_initialize)
-    _replace(common, "_clean_cmd", _patched_clean_cmd)
+    replace(interface, "create_train_tab", _patched_create_train_tab)
+    replace(interface, "create_export_tab", _patched_create_export_tab)
+    replace(runner.Runner, "_parse_train_args", _patched_parse_train_args)
+    replace(runner.Runner, "_initialize", _patched_initialize)
+    replace(common, "_clean_cmd", _patched_clean_cmd)

@@ -12,9 +12,12 @@ workers get it too). It patches, in place and by name:
 * ``data.get_dataset``: keeps the tokenised train split for calibration;
 * ``train.trainer_utils.create_ref_model``: DPO / KTO / PPO get no second model copy (the adapter is disabled for
   the reference pass, as for lora);
+* ``train.tuner.get_train_args`` (the name the training function parses with, not ``aira-moe check``): the run takes
+  its output_dir's lock;
 * ``train.tuner._training_function``: adds a callback that writes the 'routed' strategy's routing statistics into
-  the training log (inert for every other run);
-* ``cli.main``: a damaged adapter file or a locked output_dir (see output_dir.py) ends in one line, exit 2.
+  the training log (inert for every other run); a finished run in output_dir ends it, training nothing (exit 0);
+* ``cli.main``: a user error (``errors.UserError``: a bad value, a damaged adapter file, a locked output_dir, a
+  refused export) ends in one line and its exit code.
 Anything missing raises with the expected LLaMA-Factory version; there is no fallback.
 """
 
@@ -28,20 +31,22 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from aira_moe_startup import SUPPORTED, unsupported
+from aira_moe_startup import unsupported
 
 from .._logging import get_logger
-from ..adapter_paths import AdapterFileError, require_adapter_dirs, token_dependent_adapters
+from ..adapter_paths import require_adapter_dirs, token_dependent_adapters
+from ..errors import MissingFileError, UserError, one_line, report
+from ..tuner.strategies import get_strategy
 from . import preflight, routed_training
-from ..tuner.collaboration import full_equivalence_note
 from .arguments import AiraMoeArguments, peft_config_from_args
-from .output_dir import OutputDirInUseError, choose_complete_checkpoint, lock_output_dir
+from .output_dir import choose_complete_checkpoint, lock_output_dir
+from .patching import PATCHED_MARK, missing, replace
+from .preflight import CompletedRunError
 
 logger = get_logger()
 
 FINETUNING_TYPE = "aira_moe"
 FINETUNING_TYPES = ("lora", "oft", "freeze", "full", FINETUNING_TYPE)
-_PATCHED_MARK = "__aira_moe_patched__"
 
 
 class _State:
@@ -50,20 +55,9 @@ class _State:
     training_args = None
     train_dataset = None
     tokenizer = None
-    checking = False  # `aira-moe check`: parse and validate only; take no lock, and report a finished run, not stop
 
 
 _state = _State()
-
-
-def _fail(what: str) -> RuntimeError:
-    import llamafactory
-
-    low, high = SUPPORTED["llamafactory"]
-    return RuntimeError(
-        f"aira_moe cannot install into LLaMA-Factory {llamafactory.__version__}: {what} is missing. "
-        f"aira_moe supports llamafactory >= {low}, < {high}; install that version."
-    )
 
 
 def _is_aira_moe(finetuning_args) -> bool:
@@ -96,12 +90,12 @@ def _make_arguments_class(base):
             finally:
                 self.finetuning_type = FINETUNING_TYPE
             if self.pissa_init or self.use_dora or self.loraplus_lr_ratio is not None:
-                raise ValueError("`pissa_init`, `use_dora` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own "
-                                 "init (`use_awsvd_init`).")
+                raise UserError("`pissa_init`, `use_dora` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own "
+                                "init (`use_awsvd_init`).")
             config = peft_config_from_args(self)  # parses and validates every aira_moe key, naming it
             self.rank_budget = config.rank_budget  # an int or 'auto' from here on (the early budget check reads it)
             self.activation_normalize = config.activation_normalize
-            note = full_equivalence_note(config.num_A, config.num_B, config.r, config.cola_strategy)
+            note = get_strategy(config.cola_strategy).config_note(config.num_A, config.num_B, config.r)
             if note:  # one line per parse: `llamafactory-cli train` and `aira-moe check` both come through here
                 logger.info(note)
 
@@ -115,46 +109,54 @@ def _refuse_aira_moe_keys_elsewhere(args) -> None:
     error instead of being silently ignored (they would train a plain LoRA with no calibration)."""
     kind = getattr(args, "finetuning_type", None)
     if isinstance(kind, str) and kind.strip().lower().replace("-", "_") == FINETUNING_TYPE:
-        raise ValueError(f"`finetuning_type`={kind!r} is not a method; did you mean {FINETUNING_TYPE!r}?")
+        raise UserError(f"`finetuning_type`={kind!r} is not a method; did you mean {FINETUNING_TYPE!r}?")
     if kind not in FINETUNING_TYPES:  # LLaMA-Factory's own assertion would list the methods without aira_moe
-        raise ValueError(f"`finetuning_type` must be one of {list(FINETUNING_TYPES)}, got {kind!r}.")
+        raise UserError(f"`finetuning_type` must be one of {list(FINETUNING_TYPES)}, got {kind!r}.")
     defaults = {item.name: item.default for item in dataclasses.fields(AiraMoeArguments)}
     changed = sorted(name for name, default in defaults.items() if getattr(args, name) != default)
     if changed:
-        raise ValueError(
+        raise UserError(
             f"aira_moe keys {changed} are set but `finetuning_type` is {kind!r}, which ignores them; set "
             f"`finetuning_type: {FINETUNING_TYPE}` or remove them."
         )
-
-
-class CompletedRunError(ValueError):
-    """``output_dir`` holds this same run, finished: training it would do nothing (see _stop_if_run_is_complete)."""
 
 
 def check_train_config(args: dict, refuse_complete_run: bool = False) -> str:
     """Validate a ``llamafactory-cli train`` config in this process, as its parser will, without loading the model or
     the data: argument parsing (every aira_moe check included: the rank budget against the model's config.json when
     it is local), the dataset names against dataset_info.json, adapter paths and the DeepSpeed file. Returns a
-    one-line summary; raises ValueError / FileNotFoundError naming the key. Launchers call it before torchrun.
-    Beyond the parse: every ``lora_target`` name against the model's modules (built on the meta device)."""
+    one-line summary; raises UserError naming the key (LLaMA-Factory's own argument errors included). Launchers call
+    it before torchrun. Beyond the parse: every ``lora_target`` name against the model's modules (built on the meta
+    device). A finished run in output_dir is logged (training would do nothing), or refused with
+    ``refuse_complete_run``; no lock is taken."""
+    try:
+        return _check_train_config(args, refuse_complete_run)
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
+        # LLaMA-Factory's and transformers' own checks of the arguments: the user's to fix, as ours are
+        raise UserError(one_line(error)) from error
+
+
+def _check_train_config(args: dict, refuse_complete_run: bool) -> str:
     from llamafactory.hparams import get_train_args
 
     datasets = preflight.check_datasets(args)
     require_adapter_dirs(args.get("adapter_name_or_path"))
     deepspeed = args.get("deepspeed")
     if deepspeed and not os.path.isfile(deepspeed):
-        raise FileNotFoundError(f"`deepspeed`={deepspeed!r}: no such file")
+        raise MissingFileError(f"`deepspeed`={deepspeed!r}: no such file")
     # DeepSpeed's engine setup needs the launched processes; the file's existence is what can be checked here
     parsed = {key: value for key, value in args.items() if key != "deepspeed"}
-    _state.checking = True
     try:
         model_args, _, training_args, finetuning_args, _ = get_train_args(parsed)
-    finally:
-        _state.checking = False
+    except CompletedRunError as done:  # nothing would be trained, so nothing else matters
+        if refuse_complete_run:
+            raise
+        logger.warning("aira_moe: %s", one_line(done))
+        return f"finetuning_type {FINETUNING_TYPE}, {datasets} dataset(s), output_dir {args.get('output_dir')}"
     if _is_aira_moe(finetuning_args):
         preflight.check_lora_target(model_args, finetuning_args)
-        if refuse_complete_run and preflight.completed_run(training_args) is not None:
-            raise CompletedRunError(f"the run in {training_args.output_dir} is complete; nothing would be trained")
     return (f"finetuning_type {finetuning_args.finetuning_type}, {datasets} dataset(s), "
             f"output_dir {training_args.output_dir}")
 
@@ -172,7 +174,7 @@ def _suggest_known_key(args: dict, parser) -> None:
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
         match = by_case.get(key.lower()) or (close[0] if close else None)
         if match:
-            raise ValueError(f"`{key}` is not a key of llamafactory-cli or aira_moe; did you mean `{match}`?")
+            raise UserError(f"`{key}` is not a key of llamafactory-cli or aira_moe; did you mean `{match}`?")
 
 
 def _patched_parse_args(original):
@@ -194,14 +196,14 @@ def _patched_verify_model_args(original):
         if not _is_aira_moe(finetuning_args):
             return original(model_args, data_args, finetuning_args)
         require_adapter_dirs(model_args.adapter_name_or_path, subfolder=model_args.adapter_folder)
-        routed_training.refuse_merging_routed_export(model_args)
+        routed_training.refuse_exporting_token_dependent(model_args)
         for key in ("use_unsloth", "use_kt"):  # their LoRA loaders build peft LoRA layers only
             if getattr(model_args, key, False):
-                raise ValueError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
+                raise UserError(f"`{key}` works with finetuning_type lora only, not aira_moe; remove it.")
         if model_args.quantization_bit is not None:
             method = getattr(model_args.quantization_method, "value", model_args.quantization_method)
             if method != "bnb" or model_args.quantization_bit not in (4, 8):
-                raise ValueError(
+                raise UserError(
                     f"`quantization_method`={method} with `quantization_bit`={model_args.quantization_bit} cannot be "
                     "used with finetuning_type aira_moe: calibration reads every adapted weight as floats (LOD, AwSVD), "
                     "which is implemented for bitsandbytes only; use `quantization_method: bnb` with "
@@ -223,10 +225,10 @@ def _patched_check_extra_dependencies(original):
             return
         from transformers.training_args import ParallelMode
 
-        _stop_if_run_is_complete(training_args)
+        preflight.refuse_completed_run(training_args)
         if training_args.do_train:
-            if training_args.process_index == 0:  # the main process holds the lock; every rank chooses the same
-                lock_output_dir(training_args.output_dir, take=not _state.checking)
+            if training_args.process_index == 0:  # refuse a live run's output_dir (a training run then takes the
+                lock_output_dir(training_args.output_dir, take=False)  # lock: _patched_training_parse)
             choose_complete_checkpoint(training_args)
         _state.training_args = training_args
         routed_training.use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args)
@@ -239,17 +241,19 @@ def _patched_check_extra_dependencies(original):
     return check
 
 
-def _stop_if_run_is_complete(training_args) -> None:
-    state = preflight.completed_run(training_args)
-    if state is None:
-        return
-    logger.warning(
-        "aira_moe: the run in %s is complete (%d of %d steps); nothing is trained and nothing there is overwritten. "
-        "To train again, set `overwrite_output_dir: true` or choose another `output_dir`.",
-        training_args.output_dir, state["global_step"], state["max_steps"],
-    )
-    if not _state.checking:
-        raise SystemExit(0)
+def _patched_training_parse(original):
+    """The parse of a training run (``aira-moe check`` parses with ``hparams.get_train_args`` itself): every check
+    passed, the main process takes output_dir's lock for the run."""
+
+    @functools.wraps(original)
+    def get_train_args(args=None):
+        parsed = original(args)
+        training_args, finetuning_args = parsed[2], parsed[3]
+        if _is_aira_moe(finetuning_args) and training_args.do_train and training_args.process_index == 0:
+            lock_output_dir(training_args.output_dir)
+        return parsed
+
+    return get_train_args
 
 
 def _patched_get_dataset(original):
@@ -273,7 +277,7 @@ def _calibration_loader(batch_size: int, max_batches: int):
     from ..calibration.data import calibration_batches
 
     if _state.train_dataset is None:
-        raise ValueError(
+        raise UserError(
             "aira_moe calibration needs the training split, but LLaMA-Factory loaded no train_dataset before the "
             "model; set `dataset` (or disable use_layer_wise_rank / use_awsvd_init / use_activation_aware)."
         )
@@ -312,10 +316,10 @@ def _adapter_load_kwargs(model_args) -> dict:
     }
 
 
-def _is_mergeable(model, adapters: list, subfolder: Optional[str] = None) -> bool:
-    """As for LoRA: adapters are merged into the base unless it is quantised (merging into a quantised weight is
-    refused by the layer) or partitioned by ZeRO-3, or an adapter is 'routed' (no fixed update to merge); then exactly
-    one adapter is loaded and kept unmerged."""
+def _merges_loaded_adapters(model, adapters: list, subfolder: Optional[str] = None) -> bool:
+    """As for LoRA: loaded adapters are merged into the base unless it is quantised (merging into a quantised weight is
+    refused by the layer) or partitioned by ZeRO-3, or an adapter's update depends on the token; then exactly one
+    adapter is loaded and kept unmerged."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     routed = token_dependent_adapters(adapters, subfolder)
@@ -325,8 +329,8 @@ def _is_mergeable(model, adapters: list, subfolder: Optional[str] = None) -> boo
     if reason is None:
         return True
     if len(adapters) > 1:
-        raise ValueError(f"`adapter_name_or_path` lists {len(adapters)} adapters, but {reason}: only one adapter can "
-                         "be loaded (unmerged); merge the others into the base first (llamafactory-cli export).")
+        raise UserError(f"`adapter_name_or_path` lists {len(adapters)} adapters, but {reason}: only one adapter can "
+                        "be loaded (unmerged); merge the others into the base first (llamafactory-cli export).")
     return False
 
 
@@ -374,14 +378,14 @@ def setup_aira_moe(config, model, model_args, finetuning_args, is_trainable: boo
     quantization = getattr(model, "quantization_method", None)
     quantization = getattr(quantization, "value", quantization)  # transformers' QuantizationMethod is a str enum
     if is_trainable and quantization is not None and quantization != "bitsandbytes":
-        raise ValueError(
+        raise UserError(
             f"aira_moe cannot train on a model quantised with {quantization} "
             "(`model_name_or_path` holds a quantised checkpoint): only bitsandbytes 4-/8-bit bases are supported."
         )
     adapters = list(model_args.adapter_name_or_path or [])
     load_kwargs = _adapter_load_kwargs(model_args)
     keep_last = bool(adapters) and ((is_trainable and not finetuning_args.create_new_adapter)
-                              or not _is_mergeable(model, adapters, model_args.adapter_folder))
+                              or not _merges_loaded_adapters(model, adapters, model_args.adapter_folder))
     to_merge = adapters[:-1] if keep_last else adapters
     for path in to_merge:
         model = PeftModel.from_pretrained(model, path, **load_kwargs).merge_and_unload()
@@ -409,7 +413,11 @@ def _patched_training_function(original):
     def training_function(config):
         config = dict(config)
         config["callbacks"] = [*(config.get("callbacks") or []), routed_training.routing_log_callback()]
-        return original(config)
+        try:
+            return original(config)
+        except CompletedRunError as done:  # the run in output_dir is finished: nothing to train, in every process
+            logger.warning("aira_moe: %s", one_line(done))
+            return None
 
     return training_function
 
@@ -441,22 +449,10 @@ def _patched_cli_main(original):
     def main():
         try:
             return original()
-        except (AdapterFileError, OutputDirInUseError) as error:  # a user's file or directory: one line, exit 2
-            print(f"[aira_moe] {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
+        except UserError as error:  # the one place llamafactory-cli turns a user error into its line and exit code
+            return report(error, "[aira_moe] ")
 
     return main
-
-
-def _replace(module, name: str, make_wrapper) -> None:
-    original = getattr(module, name, None)
-    if original is None:
-        raise _fail(f"{module.__name__}.{name}")
-    if getattr(original, _PATCHED_MARK, False):
-        return
-    wrapper = make_wrapper(original)
-    setattr(wrapper, _PATCHED_MARK, True)
-    setattr(module, name, wrapper)
 
 
 def install() -> None:
@@ -476,26 +472,26 @@ def install() -> None:
     import llamafactory.train.trainer_utils as lf_trainer_utils
 
     original_args = lf_hparams.FinetuningArguments
-    if not getattr(original_args, _PATCHED_MARK, False):
+    if not getattr(original_args, PATCHED_MARK, False):
         extended = _make_arguments_class(original_args)
-        setattr(extended, _PATCHED_MARK, True)
+        setattr(extended, PATCHED_MARK, True)
         for table_name in ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS"):
             table = getattr(lf_parser, table_name, None)
             if table is None or original_args not in table:
-                raise _fail(f"llamafactory.hparams.parser.{table_name} with FinetuningArguments")
+                raise missing(f"llamafactory.hparams.parser.{table_name} with FinetuningArguments")
             table[table.index(original_args)] = extended
         lf_hparams.FinetuningArguments = extended
         lf_parser.FinetuningArguments = extended
 
-    _replace(lf_parser, "_parse_args", _patched_parse_args)
-    _replace(lf_parser, "_verify_model_args", _patched_verify_model_args)
-    _replace(lf_parser, "_check_extra_dependencies", _patched_check_extra_dependencies)
-    _replace(lf_adapter, "init_adapter", _patched_init_adapter)
+    replace(lf_parser, "_parse_args", _patched_parse_args)
+    replace(lf_parser, "_verify_model_args", _patched_verify_model_args)
+    replace(lf_parser, "_check_extra_dependencies", _patched_check_extra_dependencies)
+    replace(lf_adapter, "init_adapter", _patched_init_adapter)
     lf_loader.init_adapter = lf_adapter.init_adapter  # loader imported the name at its import
-    _replace(lf_data_loader, "get_dataset", _patched_get_dataset)
+    replace(lf_data_loader, "get_dataset", _patched_get_dataset)
     lf_data.get_dataset = lf_data_loader.get_dataset  # workflows import it from llamafactory.data
-    _replace(lf_trainer_utils, "create_ref_model", _patched_create_ref_model)
-    _replace(lf_cli, "main", _patched_cli_main)  # the llamafactory-cli script imports main after this runs
+    replace(lf_trainer_utils, "create_ref_model", _patched_create_ref_model)
+    replace(lf_cli, "main", _patched_cli_main)  # the llamafactory-cli script imports main after this runs
     for workflow in ("dpo", "kto", "ppo"):  # they import the name; those imported before this point get it here
         module = sys.modules.get(f"llamafactory.train.{workflow}.workflow")
         if module is not None:
@@ -503,4 +499,5 @@ def install() -> None:
     # last: importing the tuner imports every workflow, which must see the names patched above
     import llamafactory.train.tuner as lf_tuner
 
-    _replace(lf_tuner, "_training_function", _patched_training_function)
+    replace(lf_tuner, "get_train_args", _patched_training_parse)
+    replace(lf_tuner, "_training_function", _patched_training_function)

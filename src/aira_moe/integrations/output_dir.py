@@ -11,11 +11,12 @@ from typing import Optional
 
 from .._logging import get_logger
 from ..adapter_paths import AdapterFileError, check_adapter_files, read_json_file
+from ..errors import UserError
 
 logger = get_logger()
 
 
-class OutputDirInUseError(ValueError):
+class OutputDirInUseError(UserError):
     """Another live run holds ``output_dir``'s lock file."""
 
 

@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from ..adapter_paths import AdapterFileError, read_json_file
+from ..errors import MissingFileError, UserError
 
 
 def count_decoder_layers(model_name_or_path: str) -> Optional[int]:
@@ -55,8 +56,8 @@ def check_lora_target(model_args, finetuning_args) -> None:
                if not any(name == target or name.endswith("." + target) for name in linear)]
     if missing:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ValueError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
-                         f"{', '.join(available)}; or `lora_target: all`)")
+        raise UserError(f"`lora_target` {', '.join(missing)} names no Linear module of {path} (its Linear modules: "
+                        f"{', '.join(available)}; or `lora_target: all`)")
 
 
 def check_datasets(args: dict) -> int:
@@ -70,14 +71,32 @@ def check_datasets(args: dict) -> int:
         return len(names)
     info_path = os.path.join(dataset_dir, "dataset_info.json")
     if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"no dataset_info.json in `dataset_dir`={os.path.abspath(dataset_dir)!r}")
+        raise MissingFileError(f"no dataset_info.json in `dataset_dir`={os.path.abspath(dataset_dir)!r}")
     with open(info_path, encoding="utf-8") as handle:
         known = json.load(handle)
     for key, name in names:
         if name not in known:
-            raise ValueError(f"`{key}` {name!r} is not registered in {os.path.abspath(info_path)} "
-                             f"(known: {', '.join(sorted(known))})")
+            raise UserError(f"`{key}` {name!r} is not registered in {os.path.abspath(info_path)} "
+                            f"(known: {', '.join(sorted(known))})")
     return len(names)
+
+
+class CompletedRunError(UserError):
+    """``output_dir`` holds this same run, finished: training it again would do nothing and overwrite nothing. Not a
+    failure: a training run that meets it ends after its one line with exit code 0."""
+
+    exit_code = 0
+
+
+def refuse_completed_run(training_args) -> None:
+    """CompletedRunError when ``output_dir`` holds this run, finished (see ``completed_run``)."""
+    state = completed_run(training_args)
+    if state is not None:
+        raise CompletedRunError(
+            f"the run in {training_args.output_dir} is complete ({state['global_step']} of {state['max_steps']} "
+            "steps); nothing is trained and nothing there is overwritten. To train again, set "
+            "`overwrite_output_dir: true` or choose another `output_dir`."
+        )
 
 
 def completed_run(training_args) -> Optional[dict]:

@@ -1,34 +1,31 @@
-"""What the 'routed' strategy needs from a LLaMA-Factory run: its load-balancing loss in the training loss, its routing
-statistics in the log, non-reentrant checkpointing, and refusals to merge it. No llamafactory import."""
+"""What a token-dependent ('routed') adapter needs from a LLaMA-Factory run: its load-balancing loss in the training
+loss, its routing statistics in the log, non-reentrant checkpointing, and the refusal to merge it. No llamafactory
+import."""
 
 from __future__ import annotations
 
-import sys
-
 from .._logging import get_logger
-from ..adapter_paths import token_dependent_adapters
+from ..adapter_paths import adapter_strategy, token_dependent_adapters
 
 logger = get_logger()
 
 
-def refuse_merging_routed_export(model_args) -> None:
-    """``llamafactory-cli export`` merges the adapters into the weights: a routed one cannot be; one line, exit 2,
-    before the model is loaded."""
-    from ..tuner.collaboration import get_strategy
-
+def refuse_exporting_token_dependent(model_args) -> None:
+    """``llamafactory-cli export`` merges the adapters into the weights: one whose update depends on the token cannot
+    be merged; refused before the model is loaded."""
     if not model_args.export_dir:
         return
     routed = token_dependent_adapters(model_args.adapter_name_or_path, model_args.adapter_folder)
     if routed:
-        refusal = get_strategy("routed").fixed_update_refusal("merged by `llamafactory-cli export`")
-        sys.stderr.write(f"aira_moe: {routed[0]}: {refusal}\n")
-        raise SystemExit(2)
+        strategy = adapter_strategy(routed[0], model_args.adapter_folder)
+        strategy.refuse_token_dependent("merged by `llamafactory-cli export`", source=routed[0])
 
 
 def use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args) -> None:
-    """'routed' records its load-balancing loss inside the checkpointed decoder layers; reentrant checkpointing runs
-    them without autograd, so that loss could not train the router (LLaMA-Factory itself switches for fsdp2)."""
-    from ..tuner.collaboration import get_strategy
+    """A token-dependent ('routed') adapter records its load-balancing loss inside the checkpointed decoder layers;
+    reentrant checkpointing runs them without autograd, so that loss could not train the router (LLaMA-Factory itself
+    switches for fsdp2)."""
+    from ..tuner.strategies import get_strategy
 
     if get_strategy(finetuning_args.cola_strategy).token_dependent and model_args.use_reentrant_gc:
         model_args.use_reentrant_gc = False
@@ -37,26 +34,21 @@ def use_non_reentrant_checkpointing_for_routing(model_args, finetuning_args) -> 
 
 
 def add_routing_loss_to_training_loss(model):
-    """'routed': add the routers' load-balancing loss (``AiraMoeModel.routing_loss``) to the loss in the model's output,
-    the loss every Trainer backpropagates -- a forward hook, so no trainer class is touched. When the Trainer normalises
-    the loss by the tokens of the whole accumulated batch (``num_items_in_batch``), each micro-batch adds its share.
-    Returns the hook's handle (None without a routed adapter)."""
-    from ..tuner.collaboration import get_strategy
-
+    """A token-dependent ('routed') adapter: add the routers' load-balancing loss to the loss in the model's output,
+    the loss every Trainer backpropagates (``AiraMoeModel.add_routing_loss``) -- a forward hook, so no trainer class is
+    touched. When the Trainer normalises the loss by the tokens of the whole accumulated batch
+    (``num_items_in_batch``), each micro-batch adds its share. Returns the hook's handle (None without such an
+    adapter)."""
     tuner = model.base_model
-    if not any(get_strategy(config.cola_strategy).token_dependent for config in model.peft_config.values()):
+    if not any(config.token_dependent for config in model.peft_config.values()):
         return None
 
     def add_routing_loss(module, args, kwargs, output):
         if not module.training or not isinstance(output, dict) or output.get("loss") is None:
             return None
-        extra = tuner.routing_loss()
-        if extra is None:
-            return None
         items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
-        if items is not None and labels is not None:
-            extra = extra * (labels.ne(-100).sum() / items)
-        output["loss"] = output["loss"] + extra
+        share = labels.ne(-100).sum() / items if items is not None and labels is not None else None
+        output["loss"] = tuner.add_routing_loss(output["loss"], share)
         return output
 
     return model.register_forward_hook(add_routing_loss, with_kwargs=True)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from .._zero import gathered
+from ..errors import UserError
 from ..calibration.allocation import allocate_ranks, resolve_budget
 from ..calibration.awsvd import awsvd_directions, awsvd_factors, divide_out_input_weights
 from ..calibration.report import build_report, format_table, write_report
@@ -172,8 +173,8 @@ def _awsvd_init(layers: dict, stats: dict[str, ChannelStats], config, adapter_na
         with gathered([weight]):
             full = _weight_out_in(layer)
             if count > min(full.shape):
-                raise ValueError(f"AwSVD needs {count} directions of {name!r} but it has only min{tuple(full.shape)}; "
-                                 "lower `max_rank` / `r`" + (" or `num_A`" if num_A > 1 else ""))
+                raise UserError(f"AwSVD needs {count} directions of {name!r} but it has only min{tuple(full.shape)}; "
+                                "lower `max_rank` / `r`" + (" or `num_A`" if num_A > 1 else ""))
             svd_args = dict(solver=config.awsvd_solver, niter=config.awsvd_niter, oversample=config.awsvd_oversample,
                             generator=torch.Generator().manual_seed(_module_seed(config.cola_seed, name)))
             if config.awsvd_mode == "directions":
@@ -196,7 +197,7 @@ def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int]
     and the budget is resolved once, before the pass."""
     config = tuner.peft_config[adapter_name]
     if config.calibrated:
-        raise ValueError(
+        raise UserError(
             f"adapter {adapter_name!r} is already calibrated (`calibrated=True`): its ranks, initial factors and channel "
             "scores are reused as saved, never recomputed"
         )

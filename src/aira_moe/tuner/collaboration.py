@@ -1,4 +1,4 @@
-"""Collaboration of A and B experts, as pure tensor functions.
+"""Collaboration of A and B experts, as pure tensor functions (the strategies that use them: tuner/strategies/).
 
 The update of one layer is ``dW = s * sum_j sum_i M[j, i] * B_j @ A_i`` with M (num_B x num_A) >= 0.
 Instead of looping over pairs, the experts are folded into one effective factor pair (A_eff, B_eff) in weight space
@@ -19,19 +19,6 @@ import hashlib
 import math
 
 import torch
-
-
-def full_equivalence_note(num_A: int, num_B: int, r: int, cola_strategy: str) -> str | None:
-    """The one-line statement (logged by the LLaMA-Factory parser and ``aira-moe check``) that ``full`` with more than
-    one expert trains exactly a rank-r LoRA; None when it does not apply. The derivation: docs/method.md."""
-    if cola_strategy != "full" or num_A * num_B <= 1:
-        return None
-    return (f"cola_strategy 'full' with num_A={num_A}, num_B={num_B} trains exactly a rank-{r} LoRA (each layer's "
-            f"allocated rank with layer-wise rank) started at A=sum(A_i), B=sum(B_j) with {num_A}x the learning rate "
-            f"on A and {num_B}x on B (weight decay and an active gradient clip differ slightly): no capacity beyond "
-            f"rank {r}, for between {min(num_A, num_B)}x and {max(num_A, num_B)}x its trainable parameters and "
-            f"optimizer state; `heuristic`/`random` reach rank {min(num_A, num_B) * r}, and `num_A: 1, num_B: 1` "
-            "spends the same parameters on a higher rank (docs/method.md).")
 
 
 def heuristic_pairing(num_A: int, num_B: int) -> torch.Tensor:
@@ -110,7 +97,8 @@ def scale_factors(factor_A: torch.Tensor, factor_B: torch.Tensor, *, scaling: fl
                   out_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded factors (A: (R, in), B: (out, R)) times the fixed channel weights and s, as
     dW = s * diag(out_scale) B A diag(in_scale): s goes into a channel weight when there is one (no gradient flows
-    there, so no backward kernel), else onto B. Shared by every fold (``fold_experts``, ``routing.routed_factors``)."""
+    there, so no backward kernel), else onto B. Shared by every fold (``fold_experts``,
+    ``strategies.routed.routed_factors``)."""
     if scaling != 1:
         if in_scale is not None:
             in_scale, scaling = in_scale * scaling, 1
@@ -124,13 +112,6 @@ def scale_factors(factor_A: torch.Tensor, factor_B: torch.Tensor, *, scaling: fl
     if scaling != 1:
         factor_B = factor_B * scaling
     return factor_A, factor_B
-
-
-def effective_factors(experts_A: torch.Tensor, experts_B: torch.Tensor, *, strategy: str, **fold_args):
-    """(A_eff, B_eff) of the named strategy: ``CollaborationStrategy.fold`` with ``fold_experts``' keyword arguments;
-    ``pairing`` is the fixed M of 'heuristic', or the step's sampled M of 'random' in training (None: its eval
-    expectation E[M] = 1/num_B)."""
-    return get_strategy(strategy).fold(experts_A, experts_B, **fold_args)
 
 
 def concat_padded(
@@ -159,143 +140,3 @@ def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool, scaling_rank: i
     (``layer_scaling='base'``: the configured r, not the allocated one)."""
     rank = scaling_rank or r
     return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
-
-
-# ---------------------------------------------------------------------------------------------------- strategies
-
-
-class TokenDependentUpdate(ValueError):
-    """A routed adapter has no fixed weight update: merging it or exporting it as a LoRA is impossible."""
-
-
-class CollaborationStrategy:
-    """How the A and B experts of a layer collaborate (``cola_strategy``): one object per strategy, asked by the layer,
-    the calibration and the exporter instead of testing the name (as peft's ``LoraVariant`` for DoRA and friends).
-
-    A fixed strategy has a pairing M (num_B x num_A), possibly sampled per training step, and its update is the fold
-    ``fold_experts``; ``routed`` mixes the experts per token instead (``token_dependent``)."""
-
-    name: str = ""
-    # the update depends on the token: there is no fixed dW, so no merge and no export as a standard LoRA
-    token_dependent: bool = False
-    # the layer keeps a fixed pairing buffer (built by ``fixed_pairing``) and folds the scale into it
-    has_fixed_pairing: bool = False
-    # training draws a new pairing every step from the model's step counter (same on every rank)
-    samples_pairing: bool = False
-    # the fold runs a GEMM (over M), which autocast must not touch; a sum-only fold needs no autocast switch
-    fold_has_gemm: bool = True
-
-    def fixed_pairing(self, num_A: int, num_B: int) -> torch.Tensor | None:
-        """M kept as a (non-persistent) buffer of the layer, derived from the shapes; None when there is none."""
-        return None
-
-    def pairing_total(self, num_A: int, num_B: int) -> float:
-        """Sum of the entries of M (of every sampled M; of the gates for 'routed'): spreads a target update over the
-        copies (AwSVD 'residual' init)."""
-        raise NotImplementedError
-
-    def initial_width(self, r: int, num_A: int) -> int:
-        """Inner width of the saved AwSVD initial pair (init_B @ init_A), the folded factors' width in eval."""
-        return r
-
-    def fold(self, experts_A, experts_B, *, scaling, pairing=None, in_scale=None, out_scale=None, dtype=None):
-        """(A_eff, B_eff) with dW = B_eff @ A_eff (see ``fold_experts``); ``pairing`` as the layer passes it: the
-        fixed M, the step's sampled M, or None (see ``resolve_pairing``)."""
-        pairing, scaling = self.resolve_pairing(pairing, scaling, experts_B.shape[0])
-        return fold_experts(experts_A, experts_B, scaling=scaling, pairing=pairing, in_scale=in_scale,
-                            out_scale=out_scale, dtype=dtype)
-
-    def resolve_pairing(self, pairing, scaling: float, num_B: int):
-        """(M or None for all ones, scale) that ``fold_experts`` computes with."""
-        return pairing, scaling
-
-    def fixed_update_refusal(self, what: str) -> TokenDependentUpdate | None:
-        """The error (one line: why, and what to do instead) when ``what`` needs a fixed dW this strategy lacks."""
-        return None
-
-    def check_fixed_update(self, what: str) -> None:
-        refusal = self.fixed_update_refusal(what)
-        if refusal is not None:
-            raise refusal
-
-
-class FullStrategy(CollaborationStrategy):
-    """M = all ones: (sum B)(sum A), one LoRA-sized pair (what CoLA ships)."""
-
-    name = "full"
-    fold_has_gemm = False
-
-    def pairing_total(self, num_A, num_B):
-        return float(num_A * num_B)
-
-    def resolve_pairing(self, pairing, scaling, num_B):
-        return None, scaling
-
-
-class HeuristicStrategy(CollaborationStrategy):
-    """Each B bound to one A (``heuristic_pairing``): the general fold, rank num_A * r."""
-
-    name = "heuristic"
-    has_fixed_pairing = True
-
-    def fixed_pairing(self, num_A, num_B):
-        return heuristic_pairing(num_A, num_B)
-
-    def pairing_total(self, num_A, num_B):
-        return float(num_B)
-
-    def initial_width(self, r, num_A):
-        return num_A * r
-
-    def resolve_pairing(self, pairing, scaling, num_B):
-        if pairing is None:
-            raise ValueError("the 'heuristic' strategy needs its pairing matrix.")
-        return pairing, scaling
-
-
-class RandomStrategy(CollaborationStrategy):
-    """Each A paired with one random B per training step (``random_pairings``); eval and merge use E[M] = 1/num_B."""
-
-    name = "random"
-    samples_pairing = True
-
-    def pairing_total(self, num_A, num_B):
-        return float(num_A)  # each A is paired with exactly one B
-
-    def resolve_pairing(self, pairing, scaling, num_B):
-        # no sampled M (eval, merge, export): E[M] = 1/num_B everywhere, the sum form
-        return (None, scaling / num_B) if pairing is None else (pairing, scaling)
-
-
-class RoutedStrategy(CollaborationStrategy):
-    """A per-token router mixes the num_A * num_B pairs (B_j, A_i) with softmax gates (see ``routing``); the update
-    depends on the token, so there is no fold, no merge and no LoRA export."""
-
-    name = "routed"
-    token_dependent = True
-
-    def pairing_total(self, num_A, num_B):
-        return 1.0  # dense softmax gates sum to one
-
-    def resolve_pairing(self, pairing, scaling, num_B):
-        raise self.fixed_update_refusal("folded into one weight update")
-
-    def fixed_update_refusal(self, what: str) -> TokenDependentUpdate:
-        return TokenDependentUpdate(
-            f"a `cola_strategy: routed` adapter cannot be {what}: its update depends on the token (a per-token router "
-            "mixes the experts), so no fixed weight equals it; serve it unmerged instead (peft "
-            "PeftModel.from_pretrained, or llamafactory-cli chat / api with `adapter_name_or_path`)"
-        )
-
-
-STRATEGIES: dict[str, CollaborationStrategy] = {
-    strategy.name: strategy for strategy in (FullStrategy(), HeuristicStrategy(), RandomStrategy(), RoutedStrategy())
-}
-
-
-def get_strategy(name: str) -> CollaborationStrategy:
-    """The strategy object of ``cola_strategy`` = ``name``."""
-    strategy = STRATEGIES.get(name)
-    if strategy is None:
-        raise ValueError(f"`cola_strategy` must be one of {list(STRATEGIES)}, got {name!r}.")
-    return strategy

@@ -9,8 +9,9 @@ from peft.config import PeftConfig
 
 from ..calibration.allocation import OBJECTIVES, check_rank_bounds
 from ..calibration.stats import CHANNEL_NORMALIZERS, DEFAULT_LOD_REFERENCE, LOD_REFERENCES
+from ..errors import UserError
 from ._registry import ensure_peft_type
-from .collaboration import STRATEGIES
+from .strategies import STRATEGIES
 
 # the allowed values of each choice field: the one copy (the Literal annotations and the LLaMA-Factory keys use them)
 COLA_STRATEGIES = tuple(STRATEGIES)
@@ -27,12 +28,12 @@ BIAS_OPTIONS = ("none", "all", "aira_moe_only")
 
 def _require_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+        raise UserError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
 
 def _require_at_least(name: str, value, minimum) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        raise UserError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
 def lookup_pattern(pattern: dict, module_name: str, default):
@@ -237,20 +238,20 @@ class AiraMoeConfig(PeftConfig):
         _require_choice("cola_strategy", self.cola_strategy, COLA_STRATEGIES)
         _require_at_least("router_top_k", self.router_top_k, 0)
         if self.router_top_k > self.num_A * self.num_B:
-            raise ValueError(f"`router_top_k` must be <= num_A * num_B = {self.num_A * self.num_B} (the number of "
-                             f"routed pairs), got {self.router_top_k!r}.")
+            raise UserError(f"`router_top_k` must be <= num_A * num_B = {self.num_A * self.num_B} (the number of "
+                            f"routed pairs), got {self.router_top_k!r}.")
         if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
                 or not self.router_aux_loss_coef >= 0:
-            raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
-        routed = STRATEGIES[self.cola_strategy].token_dependent
+            raise UserError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
+        routed = self.token_dependent
         if self.router_top_k and not routed:
-            raise ValueError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
-                             f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
+            raise UserError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
+                            f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
         if (routed and 0 < self.router_top_k < self.num_A * self.num_B and self.use_awsvd_init
                 and self.awsvd_mode == "residual"):
-            raise ValueError(f"`awsvd_mode`='residual' with `cola_strategy`='routed' needs dense gates "
-                             f"(`router_top_k`=0), got `router_top_k`={self.router_top_k}: top-k gates do not sum to "
-                             "one, so the adapter would not start at the update subtracted from the base weight.")
+            raise UserError(f"`awsvd_mode`='residual' with `cola_strategy`='routed' needs dense gates "
+                            f"(`router_top_k`=0), got `router_top_k`={self.router_top_k}: top-k gates do not sum to "
+                            "one, so the adapter would not start at the update subtracted from the base weight.")
         _require_choice("theta_type", self.theta_type, THETA_TYPES)
         _require_choice("objective_function", self.objective_function, OBJECTIVE_FUNCTIONS)
         _require_choice("activation_aware_mode", self.activation_aware_mode, ACTIVATION_AWARE_MODES)
@@ -262,22 +263,22 @@ class AiraMoeConfig(PeftConfig):
         _require_choice("activation_normalize", self.activation_normalize, ACTIVATION_NORMALIZATIONS)
         _require_choice("bias", self.bias, BIAS_OPTIONS)
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+            raise UserError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         if not self.lod_threshold_M > 0:
-            raise ValueError(f"`lod_threshold_M` must be > 0, got {self.lod_threshold_M!r}.")
+            raise UserError(f"`lod_threshold_M` must be > 0, got {self.lod_threshold_M!r}.")
         _require_at_least("min_rank", self.min_rank, 1)
         _require_at_least("max_rank", self.max_rank, 1)
         check_rank_bounds(self.min_rank, self.max_rank)
         if self.rank_budget != "auto" and (isinstance(self.rank_budget, bool) or not isinstance(self.rank_budget, int)
                                            or self.rank_budget < 1):
-            raise ValueError(f"`rank_budget` must be a positive integer or 'auto', got {self.rank_budget!r}.")
+            raise UserError(f"`rank_budget` must be a positive integer or 'auto', got {self.rank_budget!r}.")
         _require_at_least("awsvd_collect_steps", self.awsvd_collect_steps, 1)
         _require_at_least("awsvd_niter", self.awsvd_niter, 0)
         _require_at_least("awsvd_oversample", self.awsvd_oversample, 0)
         for name, rank in self.rank_pattern.items():
             _require_at_least(f"rank_pattern[{name!r}]", rank, 1)
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
+            raise UserError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
 
     def layer_kwargs(self, module_name: str) -> dict:
         """The ``update_layer`` arguments of one adapted module: its rank and alpha (rank_pattern / alpha_pattern)
@@ -297,6 +298,11 @@ class AiraMoeConfig(PeftConfig):
             "with_initial_factors": self.use_awsvd_init and self.awsvd_mode == "residual",
             "router_top_k": self.router_top_k,
         }
+
+    @property
+    def token_dependent(self) -> bool:
+        """Whether the update depends on the token (``cola_strategy: routed``): no merge, no LoRA export."""
+        return STRATEGIES[self.cola_strategy].token_dependent
 
     @property
     def needs_calibration(self) -> bool:

@@ -13,9 +13,11 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._zero import gathered
-from .collaboration import CollaborationStrategy, adapter_scaling, concat_padded, get_strategy, random_pairings
+from ..errors import UserError
+from .collaboration import adapter_scaling, random_pairings
 from .quantized import quantization_kind
-from .routing import RoutingLog, routed_factors, routed_update
+from .strategies import CollaborationStrategy, get_strategy
+from .strategies.routed import RoutingLog
 
 
 # device type -> the inner dimension of the two adapter GEMMs is padded to a multiple of this: on CUDA an allocated
@@ -25,9 +27,10 @@ RANK_MULTIPLE = {"cuda": 8}
 
 
 class StepCounter:
-    """Training-forward counter shared by all layers of one model. The 'random' strategy's pairings are drawn once per
-    step for all layers (``pairings``), so a gradient-checkpointing recompute of the same step sees the same
-    pairing; the 'routed' layers record their load-balancing losses and statistics in ``routing``."""
+    """The training step of one model, shared by all its layers: ``value`` counts training forwards (the model ticks
+    it). What one step shares across layers hangs on it: the 'random' strategy's pairings, drawn once per step for all
+    layers (``pairings``), so a gradient-checkpointing recompute of the same step sees the same pairing; and
+    ``routing``, where the token-dependent layers record their load-balancing losses and statistics."""
 
     def __init__(self) -> None:
         self.value = 0
@@ -55,10 +58,9 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 class AiraMoeLayer(BaseTunerLayer):
-    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts; a layer that holds a
-    # 'routed' adapter adds ROUTER_LAYER_NAMES (see _add_router_tables)
+    # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts; a strategy that adds
+    # trainable tables (a router) extends this per instance (see its ``init``)
     adapter_layer_names = ("aira_moe_A", "aira_moe_B")
-    ROUTER_LAYER_NAMES = ("aira_moe_router_weight", "aira_moe_router_bias")
     other_param_names = (
         "r",
         "lora_alpha",
@@ -75,9 +77,9 @@ class AiraMoeLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        # the strategy of each adapter (the forward, merge and init dispatch to it) and its options from the config
         self.strategy: dict[str, CollaborationStrategy] = {}
-        self.cola_seed: dict[str, int] = {}
-        self.router_top_k: dict[str, int] = {}
+        self.strategy_options: dict[str, dict] = {}
         self.activation_mode: dict[str, str] = {}
         self.aira_moe_A = nn.ParameterDict({})  # adapter -> (num_A, r, in)
         self.aira_moe_B = nn.ParameterDict({})  # adapter -> (num_B, out, r)
@@ -88,7 +90,7 @@ class AiraMoeLayer(BaseTunerLayer):
         # so that loading onto the original base weight can redo the subtraction
         self.aira_moe_init_A = BufferDict({}, persistent=True)
         self.aira_moe_init_B = BufferDict({}, persistent=True)
-        # heuristic pairing matrix M (num_B x num_A); derived from num_A/num_B, not saved
+        # a strategy's fixed pairing matrix M (num_B x num_A; 'heuristic'); derived from num_A/num_B, not saved
         self.aira_moe_pairing = BufferDict({}, persistent=False)
         # adapter -> (init_B, init_A) currently subtracted from the base weight
         self._residual_applied: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -96,8 +98,8 @@ class AiraMoeLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.step_counter = step_counter or StepCounter()
         self.pairing_row = self.step_counter.register_layer()
-        # fixed tensors with the scale folded in, cast to the compute dtype: (adapter, kind) -> (source, stamp, value)
-        self._folded_cache: dict[tuple[str, str], tuple[torch.Tensor, tuple, torch.Tensor]] = {}
+        # fixed tensors times a scale, cast to the compute dtype: (adapter, kind) -> (source, stamp, value)
+        self._cast_cache: dict[tuple[str, str], tuple[torch.Tensor, tuple, torch.Tensor]] = {}
         # zero blocks that pad the inner dimension: (shape, dtype, device) -> tensor, never written
         self._zeros_cache: dict[tuple, torch.Tensor] = {}
         self.layer_key = ""
@@ -112,7 +114,7 @@ class AiraMoeLayer(BaseTunerLayer):
                 base_layer.weight.shape
             )
         else:
-            raise ValueError(
+            raise UserError(
                 f"AiraMoe can only adapt torch.nn.Linear (or transformers Conv1D) modules, got {type(base_layer).__name__}; "
                 "remove it from `target_modules`."
             )
@@ -133,16 +135,16 @@ class AiraMoeLayer(BaseTunerLayer):
         num_A: int,
         num_B: int,
         cola_strategy: str,
-        cola_seed: int = 0,
         use_rslora: bool = False,
         init_weights: bool = True,
         activation_mode: Optional[str] = None,
         with_initial_factors: bool = False,
         scaling_rank: Optional[int] = None,
-        router_top_k: int = 0,
+        **strategy_options: Any,
     ) -> None:
-        """Create (or re-create with a new rank) the experts of ``adapter_name``. The scale is lora_alpha / r (or
-        / sqrt(r) with rsLoRA), with ``scaling_rank`` in place of r when given (layer_scaling='base')."""
+        """Create (or re-create with a new rank) the experts of ``adapter_name``, and what its strategy adds. The scale
+        is lora_alpha / r (or / sqrt(r) with rsLoRA), with ``scaling_rank`` in place of r when given
+        (layer_scaling='base'); ``strategy_options`` (``cola_seed``, ``router_top_k``) are the strategy's."""
         if r < 1:
             raise ValueError(f"`r` must be an integer >= 1, got {r!r}.")
         if adapter_name in self._residual_applied:
@@ -151,18 +153,11 @@ class AiraMoeLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, use_rslora, scaling_rank)
         strategy = self.strategy[adapter_name] = get_strategy(cola_strategy)
-        self.cola_seed[adapter_name] = cola_seed
-        self.router_top_k[adapter_name] = router_top_k
+        self.strategy_options[adapter_name] = strategy_options
         self.aira_moe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.aira_moe_A[adapter_name] = nn.Parameter(torch.empty(num_A, r, self.in_features))
         self.aira_moe_B[adapter_name] = nn.Parameter(torch.empty(num_B, self.out_features, r))
-        pairing = strategy.fixed_pairing(num_A, num_B)
-        if pairing is not None:
-            self.aira_moe_pairing[adapter_name] = pairing
-        if strategy.token_dependent:
-            self._add_router_tables()
-            self.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, self.in_features))
-            self.aira_moe_router_bias[adapter_name] = nn.Parameter(torch.zeros(num_B * num_A))
+        strategy.init(self, adapter_name, num_A, num_B)
         self.activation_mode[adapter_name] = activation_mode
         if activation_mode is not None:
             size = self.in_features if activation_mode == "inps" else self.out_features
@@ -176,8 +171,8 @@ class AiraMoeLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
-        """LoRA-style init: every A expert Kaiming-uniform, every B expert zero, so the update is exactly 0.
-        With ``init_weights=False`` the B experts are random too (a non-zero update, for tests)."""
+        """LoRA-style init: every A expert Kaiming-uniform, every B expert zero, so the update is exactly 0, then what
+        the strategy added. With ``init_weights=False`` the B experts are random too (a non-zero update, for tests)."""
         experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
         with torch.no_grad():
             for expert in experts_A:  # (r, in) each: fan_in = in, as for nn.Linear
@@ -186,22 +181,7 @@ class AiraMoeLayer(BaseTunerLayer):
                 experts_B.zero_()
             else:
                 nn.init.normal_(experts_B, std=1.0 / math.sqrt(experts_B.shape[-1]))
-            if adapter_name in getattr(self, "aira_moe_router_weight", ()):
-                # nn.Linear's init, from the same seeded generator as the A experts: random, so that pairs sharing
-                # an A do not start with equal gates (with B = 0 they would get equal gradients and stay equal)
-                nn.init.kaiming_uniform_(self.aira_moe_router_weight[adapter_name], a=math.sqrt(5))
-                self.aira_moe_router_bias[adapter_name].zero_()
-
-    def _add_router_tables(self) -> None:
-        """The router's per-adapter tables, made on a layer's first 'routed' adapter only: every submodule, even an
-        empty ParameterDict, costs host time on each of the Trainer's per-step walks over the model (train(),
-        parameters()), ~50 Python calls a step per table (tests/test_op_count.py counts them)."""
-        if "aira_moe_router_weight" in self._modules:
-            return
-        self.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in)
-        self.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
-        # an instance attribute: peft's set_adapter / delete_adapter / device moves then cover the router too
-        self.adapter_layer_names = (*type(self).adapter_layer_names, *self.ROUTER_LAYER_NAMES)
+            self.strategy[adapter_name].reset_parameters(self, adapter_name)
 
     def set_channel_scale(self, adapter_name: str, scale: torch.Tensor) -> None:
         """Set the fixed per-channel weights of the update (activation-aware weighting)."""
@@ -225,11 +205,7 @@ class AiraMoeLayer(BaseTunerLayer):
         with torch.no_grad():
             experts_A.copy_(target_A.to(experts_A).unsqueeze(0).expand_as(experts_A))
             experts_B.copy_((target_B.to(torch.float32) / (self.scaling[adapter_name] * total)).to(experts_B).unsqueeze(0).expand_as(experts_B))
-        if strategy.token_dependent:  # every pair equals the target and every token's gates sum to one: one pair
-            channel, scaling = self._channel_weights(adapter_name, experts_A.dtype)
-            factor_A, factor_B = routed_factors(experts_A[:1], experts_B[:1], scaling=scaling, **channel)
-        else:
-            factor_A, factor_B = self._factors(adapter_name, training=False)
+        factor_A, factor_B = strategy.initial_factors(self, adapter_name)
         self.aira_moe_init_A[adapter_name] = factor_A.detach().float().contiguous().clone()
         self.aira_moe_init_B[adapter_name] = factor_B.detach().float().contiguous().clone()
         self._sync_residual(adapter_name)
@@ -284,49 +260,20 @@ class AiraMoeLayer(BaseTunerLayer):
         if mode is None:
             return {}, scaling
         # an output weight is kept as a column (out, 1), ready to broadcast over B's columns without a view per call
-        channel = self._folded(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype,
-                               as_column=mode == "outps")
+        channel = self._cached_cast(adapter_name, "channel", self.aira_moe_channel_scale[adapter_name], scaling, dtype,
+                                    as_column=mode == "outps")
         return {"in_scale" if mode == "inps" else "out_scale": channel}, 1.0
 
-    def _factors(self, adapter_name: str, training: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_eff, B_eff) with dW = B_eff @ A_eff, in ``dtype``; see collaboration.fold_experts. The scale is
-        pre-multiplied into a fixed channel weight or pairing when there is one, so a training step spends no kernel
-        on it."""
-        strategy = self.strategy[adapter_name]
-        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
-        dtype = dtype or experts_A.dtype
-        channel, scaling = self._channel_weights(adapter_name, dtype)
-        pairing = None
-        if strategy.has_fixed_pairing:
-            pairing = self._folded(adapter_name, "pairing", self.aira_moe_pairing[adapter_name], scaling, experts_B.dtype)
-            scaling = 1.0
-        elif strategy.samples_pairing and training:
-            pairing = self.step_counter.pairings(
-                self.cola_seed[adapter_name], experts_A.shape[0], experts_B.shape[0], experts_B.device
-            )[self.pairing_row]
-        return strategy.fold(experts_A, experts_B, scaling=scaling, pairing=pairing, dtype=dtype, **channel)
-
-    def _routed_update(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The 'routed' update of ``x`` (see routing.py): three token-sized GEMMs and one batched mix; in training the
-        gates' load-balancing loss and statistics are recorded for the model's training loss and log."""
-        experts_A, experts_B = self.aira_moe_A[adapter_name], self.aira_moe_B[adapter_name]
-        channel, scaling = self._channel_weights(adapter_name, dtype)
-        factor_A, factor_B = routed_factors(experts_A, experts_B, scaling=scaling, dtype=dtype, **channel)
+    def _dropout_input(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """What the adapter's A side reads: ``x`` after the adapter's dropout (no op without dropout)."""
         dropout = self.aira_moe_dropout[adapter_name]
-        router_weight = self.aira_moe_router_weight[adapter_name]
-        num_A, num_B, top_k = experts_A.shape[0], experts_B.shape[0], self.router_top_k[adapter_name]
-        update, probs, dispatch = routed_update(
-            x if isinstance(dropout, nn.Identity) else dropout(x), x, factor_A, factor_B, router_weight.to(dtype),
-            self.aira_moe_router_bias[adapter_name].to(dtype), num_A, num_B, top_k,
-        )
-        if self.training:
-            self.step_counter.routing.record(probs, dispatch, per_token=top_k if 0 < top_k < num_A * num_B else 1,
-                                             detached=router_weight.requires_grad and not torch.is_grad_enabled())
-        if self.base_quantization is not None and adapter_name in self.aira_moe_init_A:  # the residual, see forward
-            init_A = self._folded(adapter_name, "init_A", self.aira_moe_init_A[adapter_name], 1.0, dtype)
-            init_B = self._folded(adapter_name, "init_B", self.aira_moe_init_B[adapter_name], -1.0, dtype)
-            update = update + F.linear(F.linear(x, init_A), init_B)
-        return update
+        return x if isinstance(dropout, nn.Identity) else dropout(x)
+
+    def _quantized_residual(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(init_A, -init_B) in ``dtype``: the AwSVD residual a quantised base's forward subtracts itself, since its
+        weight cannot hold it (see _sync_residual)."""
+        return (self._cached_cast(adapter_name, "init_A", self.aira_moe_init_A[adapter_name], 1.0, dtype),
+                self._cached_cast(adapter_name, "init_B", self.aira_moe_init_B[adapter_name], -1.0, dtype))
 
     def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (shape, like.dtype, like.device)
@@ -334,20 +281,20 @@ class AiraMoeLayer(BaseTunerLayer):
             self._zeros_cache[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self._zeros_cache[key]
 
-    def _folded(
+    def _cached_cast(
         self, adapter_name: str, kind: str, source: torch.Tensor, scaling: float, dtype: torch.dtype, as_column: bool = False
     ) -> torch.Tensor:
         """``source * scaling`` in ``dtype`` (``as_column``: shaped (n, 1)), recomputed only when ``source`` is replaced
         or changed in place (set_channel_scale, load_state_dict, .to()) or the scale, dtype or shape asked changes."""
         stamp = (source._version, scaling, dtype, as_column)
-        cached = self._folded_cache.get((adapter_name, kind))
+        cached = self._cast_cache.get((adapter_name, kind))
         if cached is None or cached[0] is not source or cached[1] != stamp:
             with torch.no_grad():
                 wide = source.to(torch.promote_types(source.dtype, dtype))  # one rounding into dtype, after scaling
                 value = (wide * scaling if scaling != 1 else wide).to(dtype)
                 value = value.unsqueeze(1) if as_column else value
             cached = (source, stamp, value)
-            self._folded_cache[(adapter_name, kind)] = cached
+            self._cast_cache[(adapter_name, kind)] = cached
         return cached[2]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -356,7 +303,7 @@ class AiraMoeLayer(BaseTunerLayer):
         dtype = self.aira_moe_B[adapter_name].dtype
         # half precision matmul on CPU is slow or missing: compute in fp32, cast only the result back
         cast_to_fp32 = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        factor_A, factor_B = self._factors(adapter_name, training=False)
+        factor_A, factor_B = self.strategy[adapter_name].delta_weight_factors(self, adapter_name)
         if cast_to_fp32:
             factor_A, factor_B = factor_A.float(), factor_B.float()
         delta = _transpose(factor_B @ factor_A, self.fan_in_fan_out)
@@ -387,10 +334,10 @@ class Linear(nn.Module, AiraMoeLayer):
         if not adapter_names:
             return
         for active_adapter in adapter_names:
-            if active_adapter in self.strategy:
-                self.strategy[active_adapter].check_fixed_update(f"merged into the weight of {self.layer_key}")
+            if active_adapter in self.strategy:  # refused before anything is merged
+                self.strategy[active_adapter].refuse_token_dependent(f"merged into the weight of {self.layer_key}")
         if self.base_quantization is not None:
-            raise ValueError(
+            raise UserError(
                 f"cannot merge aira_moe into the {self.base_quantization} quantised weight of {self.layer_key}: load the "
                 "unquantised base model and merge there (e.g. `llamafactory-cli export` without `quantization_bit`)"
             )
@@ -436,10 +383,10 @@ class Linear(nn.Module, AiraMoeLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._restore_residual(adapter_name)
-        for table in (self.strategy, self.cola_seed, self.router_top_k, self.activation_mode):
+        for table in (self.strategy, self.strategy_options, self.activation_mode):
             table.pop(adapter_name, None)
-        for key in [key for key in self._folded_cache if key[0] == adapter_name]:
-            del self._folded_cache[key]
+        for key in [key for key in self._cast_cache if key[0] == adapter_name]:
+            del self._cast_cache[key]
         super().delete_adapter(adapter_name)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
@@ -474,37 +421,12 @@ class Linear(nn.Module, AiraMoeLayer):
         if self._residual_applied:
             result = self._add_back_residuals(x, result, skip=active)
         device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
         # the GEMMs run in the dtype autocast would pick (else x's): the small factors are cast, never x itself
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         rank_multiple = RANK_MULTIPLE.get(device_type, 1)
         for active_adapter in active:
-            strategy = self.strategy[active_adapter]
-            if strategy.token_dependent:
-                result = result + self._routed_update(active_adapter, x, compute_dtype).to(result.dtype)
-                continue
-            if autocast and strategy.fold_has_gemm:
-                # the pairing GEMM must not be autocast: the folding casts exactly once, to compute_dtype. Inside an
-                # enclosing autocast region, switching the flag is all torch.autocast(enabled=False) would do; its
-                # Python context manager costs as much host time as the rest of the fold
-                torch.set_autocast_enabled(device_type, False)
-                try:
-                    factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype)
-                finally:
-                    torch.set_autocast_enabled(device_type, True)
-            else:  # sums, products and casts only, which autocast leaves alone
-                factor_A, factor_B = self._factors(active_adapter, self.training, compute_dtype)
-            blocks_A, blocks_B = [factor_A], [factor_B]
-            if self.base_quantization is not None and active_adapter in self.aira_moe_init_A:
-                # the AwSVD residual of a quantised base, kept out of its weight: s BA - B0 A0 as one pair of GEMMs of
-                # rank R + R0
-                blocks_A.append(self._folded(active_adapter, "init_A", self.aira_moe_init_A[active_adapter], 1.0, compute_dtype))
-                blocks_B.append(self._folded(active_adapter, "init_B", self.aira_moe_init_B[active_adapter], -1.0, compute_dtype))
-            if len(blocks_A) > 1 or rank_multiple > 1:  # (the common unpadded case makes no call)
-                factor_A, factor_B = concat_padded(blocks_A, blocks_B, rank_multiple, self._zeros)
-            dropout = self.aira_moe_dropout[active_adapter]
-            hidden = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), factor_A)  # (..., R)
-            result = result + F.linear(hidden, factor_B).to(result.dtype)  # (..., out)
+            update = self.strategy[active_adapter].forward(self, active_adapter, x, compute_dtype, rank_multiple)
+            result = result + update.to(result.dtype)  # (..., out)
         return result
 
     def _add_back_residuals(self, x: torch.Tensor, result: torch.Tensor, skip) -> torch.Tensor:

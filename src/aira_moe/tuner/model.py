@@ -9,6 +9,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..errors import UserError
 from .config import AiraMoeConfig
 from .layer import AiraMoeLayer, Linear, StepCounter
 
@@ -32,7 +33,8 @@ class AiraMoeModel(BaseTuner):
         if not hasattr(self, "step_counter"):
             self.step_counter = StepCounter()
             # one tick per training forward of the whole model: the 'random' pairing changes per step, identically on
-            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step. PeftModel calls
+            # every rank, and stays fixed while gradient checkpointing recomputes layers of that step; the routing
+            # losses recorded in a step belong to it (StepCounter.routing). PeftModel calls
             # either this tuner (which calls model.forward, no hooks) or the wrapped model directly: exactly one fires.
             self.register_forward_pre_hook(self._count_training_step)
             model.register_forward_pre_hook(self._count_training_step)
@@ -40,27 +42,28 @@ class AiraMoeModel(BaseTuner):
     def _count_training_step(self, module: nn.Module, args) -> None:
         if module.training:
             self.step_counter.value += 1
-            self.step_counter.routing.new_forward()
 
-    def routing_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
-        """``router_aux_loss_coef`` times the mean load-balancing loss of the 'routed' layers in the last training
-        forward (add it to the training loss; the LLaMA-Factory integration does), or None when no routed layer ran."""
-        log = self.step_counter.routing
-        if not log.losses:
-            return None
-        if log.detached and torch.is_grad_enabled():
-            raise RuntimeError(
-                "the routed adapter's load-balancing loss was computed without autograd, so it cannot train the router: "
-                "reentrant gradient checkpointing runs the layers under no_grad; use non-reentrant checkpointing "
-                "(gradient_checkpointing_kwargs={'use_reentrant': False}; LLaMA-Factory: `use_reentrant_gc: false`)"
-            )
-        coefficient = self.peft_config[adapter_name or self.active_adapters[0]].router_aux_loss_coef
-        device = log.losses[0].device
-        return coefficient * torch.stack([loss.to(device) for loss in log.losses]).mean()
+    def routing_loss(self) -> Optional[torch.Tensor]:
+        """The load-balancing loss of the token-dependent ('routed') layers in the last training forward: per adapter,
+        its ``router_aux_loss_coef`` times the mean over its layers, summed over adapters; None when no such layer ran
+        in that forward. ``add_routing_loss`` adds it to a training loss."""
+        return self.step_counter.routing.loss(self.step_counter.value,
+                                              lambda adapter_name: self.peft_config[adapter_name].router_aux_loss_coef)
+
+    def add_routing_loss(self, loss: torch.Tensor, share: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``loss`` plus ``routing_loss()`` (times ``share`` when given), or ``loss`` itself when no token-dependent
+        layer ran: how a routed adapter's routers get their load-balancing loss. Call it on the loss of each training
+        forward (the LLaMA-Factory seam and the benchmarks do). ``share``: this micro-batch's share of the tokens the
+        loss is normalised over, when gradient accumulation normalises by the whole batch (the Trainer's
+        ``num_items_in_batch``), so that accumulation does not multiply the coefficient."""
+        extra = self.routing_loss()
+        if extra is None:
+            return loss
+        return loss + (extra if share is None else extra * share)
 
     def routing_summary(self) -> dict[str, float]:
         """Means since the last call of the routed layers' load-balancing loss, gate entropy and expert load (see
-        routing.RoutingLog.summary); empty without routed layers."""
+        strategies.routed.RoutingLog.summary); empty without routed layers."""
         return self.step_counter.routing.summary()
 
     def _create_and_replace(
@@ -89,14 +92,14 @@ class AiraMoeModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         is_conv1d = type(base).__name__ == "Conv1D"
         if not isinstance(base, nn.Linear) and not is_conv1d:
-            raise ValueError(
+            raise UserError(
                 f"`target_modules` matched {current_key!r}, a {type(base).__name__}; AiraMoe adapts only torch.nn.Linear "
                 "(and transformers Conv1D) modules."
             )
         if is_conv1d and not config.fan_in_fan_out:
-            raise ValueError(f"{current_key!r} is a Conv1D with an (in, out) weight: set `fan_in_fan_out=True`.")
+            raise UserError(f"{current_key!r} is a Conv1D with an (in, out) weight: set `fan_in_fan_out=True`.")
         if not is_conv1d and config.fan_in_fan_out:
-            raise ValueError(f"`fan_in_fan_out=True` but {current_key!r} is a torch.nn.Linear: set `fan_in_fan_out=False`.")
+            raise UserError(f"`fan_in_fan_out=True` but {current_key!r} is a torch.nn.Linear: set `fan_in_fan_out=False`.")
         return Linear(
             target,
             adapter_name,
@@ -110,7 +113,7 @@ class AiraMoeModel(BaseTuner):
         super()._check_new_adapter_config(config)
         awsvd_adapters = [name for name, conf in self.peft_config.items() if getattr(conf, "use_awsvd_init", False)]
         if len(awsvd_adapters) > 1:
-            raise ValueError(
+            raise UserError(
                 f"Only one adapter per model may use `use_awsvd_init` (it rewrites the base weight); found {awsvd_adapters}."
             )
 
