@@ -107,16 +107,34 @@ def test_without_the_correction_the_two_part(weight_decay, max_norm):
 
 def test_note_names_the_equivalent_lora():
     assert get_strategy("full").config_note(num_A=1, num_B=1, r=8) is None
-    assert get_strategy("heuristic").config_note(num_A=2, num_B=3, r=8) is None
+    assert get_strategy("heuristic").config_note(num_A=1, num_B=1, r=8) is None
+    assert get_strategy("routed").config_note(num_A=2, num_B=3, r=8) is None
     note = get_strategy("full").config_note(num_A=2, num_B=3, r=8)
     assert "\n" not in note
     for part in ("rank-8 LoRA", "2x", "3x", "between 2x and 3x", "heuristic", "num_A: 1, num_B: 1"):
         assert part in note, part
 
 
-@pytest.mark.parametrize("strategy, expected", [("full", 1), ("heuristic", 0)])
+@pytest.mark.parametrize("num_A, num_B, r, expected", [
+    (2, 3, 8, ["rank-16 LoRA (2 blocks of rank 8", "B learn at 2x, 1x the learning rate", "1 of the 3 B experts is a copy",
+               "`num_A: 1, num_B: 1` spends the same parameters"]),
+    (1, 3, 4, ["rank-4 LoRA (1 block of rank 4", "B learn at 3x the learning rate", "2 of the 3 B experts are copies"]),
+    (2, 2, 8, ["rank-16 LoRA (2 blocks of rank 8", "with one learning rate, no copies (docs/method.md)."]),
+    (3, 2, 8, ["rank-16 LoRA (2 blocks of rank 8", "1 of the 3 A experts drives no B and never learns",
+               "`num_A: 1, num_B: 1` spends"]),
+])
+def test_heuristic_note_names_the_lora_blocks_and_their_rates(num_A, num_B, r, expected):
+    """The note of tests/test_heuristic_equivalence.py's theorem, for any shape (copies, idle A experts or neither)."""
+    note = get_strategy("heuristic").config_note(num_A=num_A, num_B=num_B, r=r)
+    assert "\n" not in note and note.startswith(f"cola_strategy 'heuristic' with num_A={num_A}, num_B={num_B} trains ")
+    for part in expected:
+        assert part in note, (part, note)
+    assert ("spends the same parameters" in note) == (num_A != num_B)
+
+
+@pytest.mark.parametrize("strategy, expected", [("full", 1), ("heuristic", 1), ("routed", 0)])
 def test_check_logs_the_equivalence_once(strategy, expected, tmp_path):
-    """`aira-moe check` (and so `llamafactory-cli train`, through the same parser) logs the note once for `full`."""
+    """`aira-moe check` (and so `llamafactory-cli train`, through the same parser) logs the strategy's note once."""
     pytest.importorskip("llamafactory")
     import logging
     import os
@@ -148,4 +166,4 @@ def test_check_logs_the_equivalence_once(strategy, expected, tmp_path):
     notes = [line for line in collect.lines if "trains exactly a rank-" in line]
     assert len(notes) == expected, collect.lines
     if expected:
-        assert notes == [get_strategy("full").config_note(args["num_A"], args["num_B"], args["lora_rank"])]
+        assert notes == [get_strategy(strategy).config_note(args["num_A"], args["num_B"], args["lora_rank"])]

@@ -115,6 +115,32 @@ class HeuristicStrategy(FixedPairing):
     def initial_width(self, r, num_A):
         return num_A * r
 
+    def config_note(self, num_A, num_B, r):
+        """``heuristic`` trains exactly LoRA blocks of rank r, one per A expert that drives a B, block i's B learning
+        k_i x faster (k_i B experts bound to A_i get the same gradient: from equal starts they stay equal, so k_i - 1
+        of them are copies). The derivation: docs/method.md."""
+        if num_A * num_B <= 1:
+            return None
+        bound = heuristic_pairing(num_A, num_B).sum(0).long().tolist()  # k_i: the B experts each A drives
+        blocks = sum(k > 0 for k in bound)
+        note = (f"cola_strategy 'heuristic' with num_A={num_A}, num_B={num_B} trains exactly a rank-{blocks * r} LoRA "
+                f"({blocks} block{'s' if blocks > 1 else ''} of rank {r}, each layer's allocated rank with layer-wise "
+                "rank)")
+        if max(bound) == 1:
+            note += " with one learning rate, no copies"
+        else:
+            copies = num_B - blocks
+            note += (f" whose blocks' B learn at {', '.join(f'{k}x' for k in bound if k > 0)} the learning rate: "
+                     f"{copies} of the {num_B} B experts {'is a copy' if copies == 1 else 'are copies'} (B experts bound "
+                     "to one A get the same gradient and stay equal)")
+        idle = num_A - blocks
+        if idle:
+            note += (f"; {idle} of the {num_A} A experts "
+                     + ("drives no B and never learns" if idle == 1 else "drive no B and never learn"))
+        if max(bound) > 1 or idle:
+            note += "; `num_A: 1, num_B: 1` spends the same parameters on a LoRA of higher rank without copies"
+        return note + " (docs/method.md)."
+
 
 class RandomStrategy(FixedPairing):
     """Each A paired with one random B per training step, drawn once per step for every layer of the model
