@@ -222,6 +222,26 @@ def warmup_cosine(optimizer, steps: int):
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
 
 
+def train_adapter(model, batches: list, loss_of, lr: float, training: dict) -> list[float]:
+    """LLaMA-Factory-like optimisation of the trainable parameters over ``batches`` (one step each): AdamW without
+    weight decay (LoRA+ with a ``loraplus_lr_ratio`` in ``training``), 10 % warm-up then cosine, clipping at 1.0; a
+    routed adapter adds its load-balancing loss. Returns the curve of ``loss_of(batch)`` (the task loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, lr, **training)
+    schedule = warmup_cosine(optimizer, len(batches))
+    model.train()
+    curve = []
+    for batch in batches:
+        loss = loss_of(batch)
+        (model.base_model.add_routing_loss(loss) if isinstance(model.base_model, AiraMoeModel) else loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+    return curve
+
+
 # ------------------------------------------------------------------------------------------------------ one run
 
 def held_out_loss(model, chunks: torch.Tensor, batch: int = 32) -> float:
@@ -284,19 +304,7 @@ def run_one(job: dict) -> dict:
     if abs(count - budget) > tolerance * budget:
         raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA['r']}), "
                            f"allowed relative difference {tolerance}")
-    optimizer = make_optimizer(model, job["lr"], **training)
-    schedule = warmup_cosine(optimizer, job["steps"])
-    model.train()
-    curve = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        # a routed adapter trains with its load-balancing loss; the curve records the language-model loss
-        (model.base_model.add_routing_loss(loss) if isinstance(model.base_model, AiraMoeModel) else loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        curve.append(loss.item())
+    curve = train_adapter(model, batches, lambda ids: model(input_ids=ids, labels=ids).loss, job["lr"], training)
     result = {}
     for share in job["evaluate"]:
         result.update(split_loss(model, tokens, job["task"], share, job["eval_chunks"]))

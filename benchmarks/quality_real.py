@@ -336,8 +336,6 @@ def run_real(job: dict) -> dict:
     loss is the mean NLL of the batch's response tokens."""
     from transformers import AutoModelForCausalLM
 
-    from aira_moe import AiraMoeModel
-
     torch.set_num_threads(job["threads"])
     data = torch.load(job["data"])
     splits, meta = data["splits"], data["meta"]
@@ -362,20 +360,8 @@ def run_real(job: dict) -> dict:
     if abs(count - budget) > tolerance * budget:
         raise RuntimeError(f"{job['method']}: {count:,} trainable parameters, budget {budget:,} (LoRA r={LORA_RANK}), "
                            f"allowed relative difference {tolerance}")
-    optimizer = quality.make_optimizer(model, job["lr"], **training)
-    schedule = quality.warmup_cosine(optimizer, job["steps"])
-    model.train()
-    curve = []
-    for batch in batches:
-        logits, targets, _ = response_logits(model, batch)
-        loss = F.cross_entropy(logits, targets)
-        # 'routed': plus its load-balancing loss (peft's LoRA peers have none)
-        (model.base_model.add_routing_loss(loss) if isinstance(model.base_model, AiraMoeModel) else loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        curve.append(loss.item())
+    curve = quality.train_adapter(model, batches, lambda batch: F.cross_entropy(*response_logits(model, batch)[:2]),
+                                  job["lr"], training)
     result = {}
     for share in job["evaluate"]:
         by_task = {part: evaluate_split(model, splits[f"{part}/{share}"], meta["pad_id"],
@@ -546,6 +532,18 @@ def expand_methods(spec: str) -> list[str]:
     return names
 
 
+def write_results(result: dict, table: str, out: str, start: float) -> dict:
+    """Print the markdown ``table``; with ``out``, write the JSON there and the table beside it (.md)."""
+    print("\n" + table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(os.path.splitext(out)[0] + ".md", "w", encoding="utf-8") as handle:
+            handle.write(table)
+    result["seconds"] = time.perf_counter() - start
+    write_json(result, out)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["compare", "profile"], default="compare",
@@ -591,14 +589,7 @@ def main(argv=None):
     if args.part == "profile":
         result = {"device": device_name(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
                   "profile": model_profile(args, data, base_dir)}
-        table = profile_markdown(result["profile"])
-        print(table)
-        if args.out:
-            with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
-                handle.write(table)
-        result["seconds"] = time.perf_counter() - start
-        write_json(result, args.out)
-        return result
+        return write_results(result, profile_markdown(result["profile"]), args.out, start)
     methods = {name: METHODS[name] for name in names}
 
     def make_job(cell, lr, seed, evaluate=("val",)):
@@ -618,15 +609,7 @@ def main(argv=None):
                                 families=FAMILIES, plain="cola_heuristic")
     result["compare"] = compared
     table = quality.markdown(json.loads(json.dumps(compared)), args.screen)
-    if args.note:
-        table = f"{args.note}\n\n{table}"
-    print("\n" + table)
-    if args.out:
-        with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
-            handle.write(table)
-    result["seconds"] = time.perf_counter() - start
-    write_json(result, args.out)
-    return result
+    return write_results(result, f"{args.note}\n\n{table}" if args.note else table, args.out, start)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,29 @@ def random_batches(num_batches: int, batch: int = 4, length: int = 12, vocab: in
     return batches
 
 
+def train_side_by_side(models, optimizers, steps: int, before_step=None) -> float:
+    """Train ``models`` on the same random token batches (vocab 128), step for step, each with its optimizer;
+    ``before_step()`` runs between the backward passes and the optimizer steps (e.g. a clip). Returns the largest
+    logit difference of the first two models on a probe batch drawn after training."""
+    gen = torch.Generator().manual_seed(3)
+    for model in models:
+        model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (4, 12), generator=gen)
+        for model in models:
+            model(input_ids=ids, labels=ids).loss.backward()
+        if before_step is not None:
+            before_step()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for model in models:
+        model.eval()
+    probe = torch.randint(0, 128, (2, 16), generator=gen)
+    with torch.no_grad():
+        return (models[0](input_ids=probe).logits - models[1](input_ids=probe).logits).abs().max().item()
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, train_side_by_side
 from peft import LoraConfig, get_peft_model
 
 from aira_moe import AiraMoeConfig
@@ -63,24 +63,15 @@ def train_both(weight_decay: float, max_norm: float | None, corrected: bool):
     aira_opt = torch.optim.AdamW(aira_params, lr=LR, weight_decay=weight_decay)
     lora_opt = torch.optim.AdamW([{"params": lora_A, "lr": NUM_A * LR, "weight_decay": wd_A},
                                   {"params": lora_B, "lr": NUM_B * LR, "weight_decay": wd_B}])
-    gen = torch.Generator().manual_seed(3)
     clipped = []
-    aira.train(), lora.train()
-    for _ in range(STEPS):
-        ids = torch.randint(0, 128, (4, 12), generator=gen)
-        for model in (aira, lora):
-            model(input_ids=ids, labels=ids).loss.backward()
-        if max_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(aira_params, max_norm).item()
-            clipped.append(norm > max_norm)
-            clip_counted([(lora_A, NUM_A if corrected else 1), (lora_B, NUM_B if corrected else 1)], max_norm)
-        for optimizer in (aira_opt, lora_opt):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    aira.eval(), lora.eval()
-    probe = torch.randint(0, 128, (2, 16), generator=gen)
+
+    def clip():
+        norm = torch.nn.utils.clip_grad_norm_(aira_params, max_norm).item()
+        clipped.append(norm > max_norm)
+        clip_counted([(lora_A, NUM_A if corrected else 1), (lora_B, NUM_B if corrected else 1)], max_norm)
+
+    logit_gap = train_side_by_side([aira, lora], [aira_opt, lora_opt], STEPS, clip if max_norm is not None else None)
     with torch.no_grad():
-        logit_gap = (aira(input_ids=probe).logits - lora(input_ids=probe).logits).abs().max().item()
         factor_gap = max(max((experts_A.sum(0) - lora_pairs[name][0]).abs().max().item(),
                              (experts_B.sum(0) - lora_pairs[name][1]).abs().max().item())
                          for name, (experts_A, experts_B) in aira_pairs.items())

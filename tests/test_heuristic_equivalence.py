@@ -5,7 +5,7 @@ starts, stay equal -- with 2x3, B_3 is a copy of B_1. Weight decay needs wd / k_
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, train_side_by_side
 from peft import LoraConfig, get_peft_model
 
 from aira_moe import AiraMoeConfig
@@ -54,19 +54,7 @@ def train_both(weight_decay: float):
                        "weight_decay": weight_decay / copies})
     aira_opt = torch.optim.AdamW(aira_params, lr=LR, weight_decay=weight_decay)
     lora_opt = torch.optim.AdamW(groups)
-    gen = torch.Generator().manual_seed(3)
-    aira.train(), lora.train()
-    for _ in range(STEPS):
-        ids = torch.randint(0, 128, (4, 12), generator=gen)
-        for model in (aira, lora):
-            model(input_ids=ids, labels=ids).loss.backward()
-        for optimizer in (aira_opt, lora_opt):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    aira.eval(), lora.eval()
-    probe = torch.randint(0, 128, (2, 16), generator=gen)
-    with torch.no_grad():
-        logit_gap = (aira(input_ids=probe).logits - lora(input_ids=probe).logits).abs().max().item()
+    logit_gap = train_side_by_side([aira, lora], [aira_opt, lora_opt], STEPS)
     moved = max((layer.aira_moe_B["default"] - start[name]).abs().max().item() for name, layer in experts.items())
     return experts, blocks, bound, logit_gap, moved
 

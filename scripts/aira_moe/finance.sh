@@ -13,8 +13,8 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 aira_train
 
-# Evaluation: remove the leading "# " from the lines between the markers to score the adapter after training
-# (results in $OUTPUT_DIR/eval_<task>/results.json; task files in $TASK_DIR, see docs/evaluation.md).
+# Evaluation: remove the leading "# " from the lines between the markers to score the base model and the adapter after
+# training (results in $OUTPUT_DIR/eval_<task>{_base,}/results.json; task files in $TASK_DIR, see docs/evaluation.md).
 # >>> eval
 # aira_eval fineval --n_shot 0
 # <<< eval
