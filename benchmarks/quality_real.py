@@ -90,6 +90,9 @@ METHODS = {
     "aira_heuristic_no_weighting": (AIRA, {**COLA_2X3, **EVERY_TECHNIQUE, "use_activation_aware": False}),
     # one A and one B expert: every parameter non-redundant, LoRA's rank at LoRA's budget
     "aira_1x1": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE}),
+    "aira_1x1_no_layer_wise": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_layer_wise_rank": False}),
+    "aira_1x1_no_awsvd": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_awsvd_init": False}),
+    "aira_1x1_no_weighting": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_activation_aware": False}),
     # the multi-tasking recipe's form: a per-token router over the 6 pairs (its router counts in the budget)
     "aira_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed", **EVERY_TECHNIQUE}),
     "cola_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed"}),
@@ -101,6 +104,8 @@ STAGES = {
     "stage1": ["lora", "loraplus", "pissa", "eva", "dora", "aira_heuristic", "cola_heuristic", "aira_1x1"],
     "stage2": ["lora", "pissa", "eva", "aira_heuristic", "aira_routed", "cola_routed"],
     "stage3": ["aira_heuristic_no_layer_wise", "aira_heuristic_no_awsvd", "aira_heuristic_no_weighting", "corda"],
+    # the same ablations of 1x1, the form lowest on val (which technique carries it on a real model)
+    "ablate_1x1": ["aira_1x1", "aira_1x1_no_layer_wise", "aira_1x1_no_awsvd", "aira_1x1_no_weighting"],
 }
 
 

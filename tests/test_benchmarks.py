@@ -76,7 +76,7 @@ def test_quality_teacher_reduced(tmp_path):
                     "real task data, present in this project's workspace, not in a plain clone)")
 def test_quality_compare_reduced(tmp_path):
     out = tmp_path / "quality.json"
-    run("quality.py", "--part", "compare", "--bases", "pretrained,outliers", "--tasks", "finance",
+    run("quality.py", "--part", "compare", "--bases", "outliers", "--tasks", "finance",
         "--methods", "lora,cola_basic,aira_full", "--lrs", "3e-3", "--seeds", "2", "--steps", "2", "--batch", "2",
         "--eval_chunks", "4", "--pretrain_steps", "2", "--testbed_dir", str(tmp_path / "testbed"), "--cache",
         str(tmp_path / "runs.jsonl"), "--workers", "1", "--out", str(out))

@@ -139,6 +139,53 @@ def test_batched_scores_equal_one_at_a_time(tmp_path):
     assert results[1]["correct"] == results[7]["correct"] and results[1]["num_questions"] == 24
 
 
+def test_base_save_dir_scores_base_then_adapter_from_one_load_as_two_separate_runs_do(tmp_path):
+    """`base_save_dir` (the recipes' before -> after): the base model's and the adapter's results equal those of two
+    separate runs to 1e-6 per answer log-probability, and each results.json names what it scored."""
+    pytest.importorskip("llamafactory")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from aira_moe import AiraMoeConfig
+    from aira_moe.errors import UserError
+    from aira_moe.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(str(tmp_path / "tiny"), num_test=12)
+    adapter = str(tmp_path / "adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]), AiraMoeConfig(
+        r=2, num_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)).save_pretrained(adapter)
+    common = dict(model_name_or_path=assets["model"], task="fineval", task_dir=assets["task_dir"], device="cpu",
+                  template="default", finetuning_type="aira_moe")
+    together = evaluate(EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "after"),
+                                      base_save_dir=str(tmp_path / "before")), quiet=True)
+    apart = {"before": evaluate(EvalArguments(**common, save_dir=str(tmp_path / "base_alone")), quiet=True),
+             "after": together}
+    alone = evaluate(EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "adapter_alone")),
+                     quiet=True)
+
+    def logprobs(folder):
+        with open(tmp_path / folder / "predictions.jsonl", encoding="utf-8") as handle:
+            return [list(json.loads(line)["logprobs"].values()) for line in handle]
+
+    for joint, separate in (("before", "base_alone"), ("after", "adapter_alone")):
+        torch.testing.assert_close(torch.tensor(logprobs(joint)), torch.tensor(logprobs(separate)), rtol=0, atol=1e-6)
+    with open(tmp_path / "before" / "results.json", encoding="utf-8") as handle:
+        before = json.load(handle)
+    assert before["args"]["adapter_name_or_path"] is None and before["num_questions"] == 12
+    assert before["correct"] == apart["before"]["correct"] and together["correct"] == alone["correct"]
+    assert together["args"]["adapter_name_or_path"] == adapter
+    assert logprobs("before") != logprobs("after")  # the random adapter changes the scores
+    # refusals before any load: no adapter; one folder for both; a finished base result kept
+    with pytest.raises(UserError, match="`base_save_dir` .* `adapter_name_or_path` is empty"):
+        EvalArguments(**common, base_save_dir=str(tmp_path / "x")).validate()
+    with pytest.raises(UserError, match="are the same directory"):
+        EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "y"),
+                      base_save_dir=str(tmp_path / "y")).validate()
+    with pytest.raises(UserError, match=r"`base_save_dir` .*before already holds results.json"):
+        EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "z"),
+                      base_save_dir=str(tmp_path / "before")).validate()
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_EVAL),
                     reason="needs ../shared/data/eval (the real task files, not shipped with the project)")
 @pytest.mark.parametrize("task,count", [("gsm8k", 1319), ("fineval", 265), ("mmlu_law", 1534 + 108 + 121),

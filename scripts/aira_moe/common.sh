@@ -179,32 +179,40 @@ aira_train() {
   fi
 }
 
-aira_eval() {  # aira_eval TASK [aira-moe eval flags]: score the base model and the trained adapter on TASK; results in
-  #                                       $OUTPUT_DIR/eval_TASK_base and $OUTPUT_DIR/eval_TASK, then one line base -> adapter
+aira_eval() {  # aira_eval TASK [aira-moe eval flags]: score the base model and the trained adapter on TASK from one
+  # model load; results in $OUTPUT_DIR/eval_TASK_base and $OUTPUT_DIR/eval_TASK, then one line base -> adapter
   local task="$1"; shift
-  local label save
-  for label in base adapter; do
-    save="$OUTPUT_DIR/eval_$task"
-    local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR")
-    if [[ "$label" == "base" ]]; then
-      save+="_base"
-    else
-      cmd+=(--adapter_name_or_path "$OUTPUT_DIR" --finetuning_type aira_moe)
-    fi
-    if [[ -f "$save/results.json" && " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe: keep
-      echo "[aira_moe] $task results of the $label model exist (pass --overwrite_save_dir to score again): $save/results.json"
-      continue
-    fi
-    cmd+=(--save_dir "$save" "${EVAL_FLAGS[@]}" "$@")
+  local save="$OUTPUT_DIR/eval_$task"
+  local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR")
+  local -a base_part=(--save_dir "${save}_base") adapter_part=(--adapter_name_or_path "$OUTPUT_DIR" --finetuning_type aira_moe --save_dir "$save")
+  local label done_base=0 done_adapter=0
+  if [[ " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe keeps what it scored
+    for label in base adapter; do
+      local path="$save"; [[ "$label" == "base" ]] && path+="_base"
+      if [[ -f "$path/results.json" ]]; then
+        echo "[aira_moe] $task results of the $label model exist (pass --overwrite_save_dir to score again): $path/results.json"
+        if [[ "$label" == "base" ]]; then done_base=1; else done_adapter=1; fi
+      fi
+    done
+  fi
+  local -a todo=()
+  if (( !done_base && !done_adapter )); then  # both: the base alone first, then the adapter on the same load
+    todo=("${adapter_part[@]}" --base_save_dir "${save}_base")
+  elif (( !done_adapter )); then
+    todo=("${adapter_part[@]}")
+  elif (( !done_base )); then
+    todo=("${base_part[@]}")
+  fi
+  if (( ${#todo[@]} )); then
+    cmd+=("${todo[@]}" "${EVAL_FLAGS[@]}" "$@")
     if [[ "${TINY:-0}" == "1" || -n "${BASE:-}" ]]; then
       cmd+=(--device cpu)
     fi
     echo "[aira_moe] ${cmd[*]}"
-    if [[ "${DRY_RUN:-0}" == "1" ]]; then
-      continue
+    if [[ "${DRY_RUN:-0}" != "1" ]]; then
+      "${cmd[@]}"
     fi
-    "${cmd[@]}"
-  done
+  fi
   if [[ "${DRY_RUN:-0}" != "1" ]]; then
     python - "$OUTPUT_DIR/eval_${task}_base/results.json" "$OUTPUT_DIR/eval_$task/results.json" <<'PY'
 import json, sys

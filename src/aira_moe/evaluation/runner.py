@@ -45,6 +45,11 @@ class EvalArguments:
         default=None, metadata={"help": "Where results.json is written; default: outputs/eval/<task>-<date>-<time>."}
     )
     overwrite_save_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
+    base_save_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "With an adapter: score the base model alone first, from the same load, and write its "
+                          "results.json here (before -> after in one process, as the recipes' eval blocks do)."},
+    )
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]."})
     max_questions: Optional[int] = field(
@@ -87,9 +92,17 @@ class EvalArguments:
         if routed and routed != adapters[-1:]:
             raise UserError(f"`adapter_name_or_path`: {routed[0]} is a routed adapter, whose update depends on the "
                             "token, so it is kept unmerged: list it last (the adapters before it are merged)")
-        if self.save_dir and os.path.exists(os.path.join(self.save_dir, "results.json")) and not self.overwrite_save_dir:
-            raise UserError(f"`save_dir` {self.save_dir} already holds results.json; pass --overwrite_save_dir or choose "
-                            "another --save_dir")
+        if self.base_save_dir and not adapters:
+            raise UserError(f"`base_save_dir` {self.base_save_dir!r} scores the base model beside an adapter, but "
+                            "`adapter_name_or_path` is empty: pass an adapter, or score the base with `save_dir` alone")
+        if self.base_save_dir and self.save_dir and os.path.abspath(self.base_save_dir) == os.path.abspath(self.save_dir):
+            raise UserError(f"`base_save_dir` and `save_dir` are the same directory {self.save_dir!r}: the base model's "
+                            "results would overwrite the adapter's")
+        for key in ("save_dir", "base_save_dir"):
+            folder = getattr(self, key)
+            if folder and os.path.exists(os.path.join(folder, "results.json")) and not self.overwrite_save_dir:
+                raise UserError(f"`{key}` {folder} already holds results.json; pass --overwrite_save_dir or choose "
+                                f"another --{key}")
 
 
 def _adapter_paths(paths: Optional[str]) -> list[str]:
@@ -106,10 +119,15 @@ def _quantization_config(bits: int, compute_dtype):
 
 
 def load_model_and_tokenizer(args: EvalArguments):
-    """Base model + adapters as LLaMA-Factory loads them for inference (merged in order into a float base; one adapter
-    kept unmerged on a quantised base, and a routed one, listed last, kept unmerged), and a left-padding tokenizer."""
-    import aira_moe  # noqa: F401  (registers the aira_moe peft type)
-    from peft import PeftModel
+    """Base model + adapters as LLaMA-Factory loads them for inference (see ``attach_adapters``), and a left-padding
+    tokenizer."""
+    model, tokenizer, device = load_base_and_tokenizer(args)
+    return attach_adapters(model, args), tokenizer, device
+
+
+def load_base_and_tokenizer(args: EvalArguments):
+    """The base model alone, on its device and in eval mode (4/8-bit with ``quantization_bit``), and a left-padding
+    tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -121,17 +139,27 @@ def load_model_and_tokenizer(args: EvalArguments):
         model = AutoModelForCausalLM.from_pretrained(
             args.model_name_or_path, dtype=dtype, device_map={"": device},
             quantization_config=_quantization_config(args.quantization_bit, dtype))
-        for path in _adapter_paths(args.adapter_name_or_path):  # validate() allows one
-            model = PeftModel.from_pretrained(model, path)
         return model.eval(), tokenizer, device
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    return model.to(device).eval(), tokenizer, device
+
+
+def attach_adapters(model, args: EvalArguments):
+    """``args``' adapters on a base from ``load_base_and_tokenizer``: merged in order into a float base; one adapter
+    kept unmerged on a quantised base, and a routed one, listed last, kept unmerged."""
+    import aira_moe  # noqa: F401  (registers the aira_moe peft type)
+    from peft import PeftModel
+
     paths = _adapter_paths(args.adapter_name_or_path)
     routed = token_dependent_adapters(paths)  # validate() put it last: no fixed weight equals its update
+    if args.quantization_bit:  # validate() allows one adapter, kept unmerged
+        return (PeftModel.from_pretrained(model, paths[0]) if paths else model).eval()
+    device = next(model.parameters()).device
     for path in paths:
         model = PeftModel.from_pretrained(model, path)
         if path not in routed:
             model = model.merge_and_unload()
-    return model.to(device).eval(), tokenizer, device
+    return model.to(device).eval()  # peft may load adapter weights elsewhere (its own device guess)
 
 
 def template_prompt_encoder(tokenizer, template_name: str):
@@ -192,7 +220,12 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     if args.save_dir is None:
         args.save_dir = os.path.join("outputs", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}
-    if model is None:
+    if model is None and args.base_save_dir:  # before -> after from one load: the base alone, then its adapters
+        model, tokenizer, device = load_base_and_tokenizer(args)
+        base_args = replace(args, adapter_name_or_path=None, save_dir=args.base_save_dir, base_save_dir=None)
+        evaluate(base_args, model, tokenizer, encode, device, quiet, subjects)
+        model = attach_adapters(model, args)
+    elif model is None:
         model, tokenizer, device = load_model_and_tokenizer(args)
     encode = encode or template_prompt_encoder(tokenizer, args.template)
     choice_ids = choice_token_ids(tokenizer)
