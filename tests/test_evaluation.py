@@ -158,8 +158,7 @@ def test_base_save_dir_scores_base_then_adapter_from_one_load_as_two_separate_ru
                   template="default", finetuning_type="aira_moe")
     together = evaluate(EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "after"),
                                       base_save_dir=str(tmp_path / "before")), quiet=True)
-    apart = {"before": evaluate(EvalArguments(**common, save_dir=str(tmp_path / "base_alone")), quiet=True),
-             "after": together}
+    base_alone = evaluate(EvalArguments(**common, save_dir=str(tmp_path / "base_alone")), quiet=True)
     alone = evaluate(EvalArguments(**common, adapter_name_or_path=adapter, save_dir=str(tmp_path / "adapter_alone")),
                      quiet=True)
 
@@ -172,7 +171,7 @@ def test_base_save_dir_scores_base_then_adapter_from_one_load_as_two_separate_ru
     with open(tmp_path / "before" / "results.json", encoding="utf-8") as handle:
         before = json.load(handle)
     assert before["args"]["adapter_name_or_path"] is None and before["num_questions"] == 12
-    assert before["correct"] == apart["before"]["correct"] and together["correct"] == alone["correct"]
+    assert before["correct"] == base_alone["correct"] and together["correct"] == alone["correct"]
     assert together["args"]["adapter_name_or_path"] == adapter
     assert logprobs("before") != logprobs("after")  # the random adapter changes the scores
     # refusals before any load: no adapter; one folder for both; a finished base result kept

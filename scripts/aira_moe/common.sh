@@ -179,21 +179,21 @@ aira_train() {
   fi
 }
 
+eval_result_kept() {  # eval_result_kept TASK LABEL DIR: true (and says so) when DIR already holds LABEL's results
+  [[ -f "$3/results.json" ]] || return 1
+  echo "[aira_moe] $1 results of the $2 model exist (pass --overwrite_save_dir to score again): $3/results.json"
+}
+
 aira_eval() {  # aira_eval TASK [aira-moe eval flags]: score the base model and the trained adapter on TASK from one
   # model load; results in $OUTPUT_DIR/eval_TASK_base and $OUTPUT_DIR/eval_TASK, then one line base -> adapter
   local task="$1"; shift
   local save="$OUTPUT_DIR/eval_$task"
   local -a cmd=(aira-moe eval --model_name_or_path "$MODEL" --template "$TEMPLATE" --task "$task" --task_dir "$TASK_DIR")
   local -a base_part=(--save_dir "${save}_base") adapter_part=(--adapter_name_or_path "$OUTPUT_DIR" --finetuning_type aira_moe --save_dir "$save")
-  local label done_base=0 done_adapter=0
+  local done_base=0 done_adapter=0
   if [[ " $* " != *" --overwrite_save_dir "* ]]; then  # a re-run of a finished recipe keeps what it scored
-    for label in base adapter; do
-      local path="$save"; [[ "$label" == "base" ]] && path+="_base"
-      if [[ -f "$path/results.json" ]]; then
-        echo "[aira_moe] $task results of the $label model exist (pass --overwrite_save_dir to score again): $path/results.json"
-        if [[ "$label" == "base" ]]; then done_base=1; else done_adapter=1; fi
-      fi
-    done
+    eval_result_kept "$task" base "${save}_base" && done_base=1
+    eval_result_kept "$task" adapter "$save" && done_adapter=1
   fi
   local -a todo=()
   if (( !done_base && !done_adapter )); then  # both: the base alone first, then the adapter on the same load

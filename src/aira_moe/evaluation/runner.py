@@ -222,6 +222,7 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, encode=None, devic
     shots = {subject.name: select_shots(subject, args.n_shot, args.seed) for subject in subjects}
     if model is None and args.base_save_dir:  # before -> after from one load: the base alone, then its adapters
         model, tokenizer, device = load_base_and_tokenizer(args)
+        encode = encode or template_prompt_encoder(tokenizer, args.template)  # built once for both scorings
         base_args = replace(args, adapter_name_or_path=None, save_dir=args.base_save_dir, base_save_dir=None)
         evaluate(base_args, model, tokenizer, encode, device, quiet, subjects)
         model = attach_adapters(model, args)
