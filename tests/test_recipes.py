@@ -199,8 +199,10 @@ def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
     assert "aira-moe check" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
 
 
-def test_tiny_multitasking_trains_routed_and_its_uncommented_eval_block_runs(tmp_path):
-    """The multi-tasking recipe trains a routed adapter; its evaluation block scores it unmerged (aira-moe eval)."""
+def test_tiny_multitasking_trains_and_its_uncommented_eval_block_runs(tmp_path):
+    """The multi-tasking recipe (TINY=1) trains its 2x3 heuristic adapter and its evaluation block scores
+    base and adapter on every task (aira-moe eval). A routed adapter through llamafactory-cli and aira-moe eval:
+    tests/test_llamafactory.py and tests/test_routing.py."""
     pytest.importorskip("llamafactory")
     script = with_eval_block_uncommented("multi-tasking", tmp_path)
     out = tmp_path / "run"
@@ -208,7 +210,7 @@ def test_tiny_multitasking_trains_routed_and_its_uncommented_eval_block_runs(tmp
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "aira_moe_allocation.json").is_file()
-    assert json.loads((out / "adapter_config.json").read_text())["cola_strategy"] == "routed"
+    assert json.loads((out / "adapter_config.json").read_text())["cola_strategy"] == "heuristic"
     results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
     assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
     base = json.loads((out / "eval_gsm8k_base" / "results.json").read_text())  # the block scores the base model too
