@@ -37,6 +37,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,10 @@ METHODS = {
     # the multi-tasking recipe's form: a per-token router over the 6 pairs (its router counts in the budget)
     "aira_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed", **EVERY_TECHNIQUE}),
     "cola_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed"}),
+    # the same with a router that reads the experts' own projections A_i x: 6 (2 r + 1) parameters a projection, not 37 % of
+    # the budget, so the experts get rank 3 instead of 2
+    "aira_routed_proj": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed", "router_input": "projections",
+                                **EVERY_TECHNIQUE}),
 }
 FAMILIES = {"loraplus": ["loraplus_4", "loraplus_16"]}
 PEERS = ["lora", "loraplus", "pissa", "eva", "corda", "dora"]
@@ -274,13 +279,17 @@ def lora_budget(shapes) -> int:
     return sum(LORA_RANK * (fan_in + fan_out) for _, fan_in, fan_out in shapes)
 
 
-def matched_rank_budget(shapes, num_A: int, num_B: int, routed: bool) -> tuple[int, int]:
+def matched_rank_budget(shapes, num_A: int, num_B: int, router: Optional[str] = None) -> tuple[int, int]:
     """(total rank over the layers, number of layers) whose aira_moe parameters are closest to LoRA r=8's: a layer of
-    rank r costs r * sum(num_A in + num_B out) over its projections; a router num_A num_B (in + 1) per projection."""
+    rank r costs r * sum(num_A in + num_B out) over its projections; a router (``router_input``) num_A num_B (in + 1)
+    per projection when it reads the layer input, num_A num_B (num_A r + 1) when it reads the projections."""
     layers = sorted({layer for layer, _, _ in shapes})
-    per_rank = sum(num_A * fan_in + num_B * fan_out for _, fan_in, fan_out in shapes)
-    router = sum(num_A * num_B * (fan_in + 1) for _, fan_in, _ in shapes) if routed else 0
-    return round((lora_budget(shapes) - router) * len(layers) / per_rank), len(layers)
+    experts = num_A * num_B
+    per_rank = sum(num_A * fan_in + num_B * fan_out + (experts * num_A if router == "projections" else 0)
+                   for _, fan_in, fan_out in shapes)
+    fixed = {None: 0, "layer": sum(experts * (fan_in + 1) for _, fan_in, _ in shapes),
+             "projections": experts * len(shapes)}[router]
+    return round((lora_budget(shapes) - fixed) * len(layers) / per_rank), len(layers)
 
 
 def spread_ranks(total: int, num_layers: int) -> list[int]:
@@ -305,7 +314,7 @@ def method_config(name: str, model, calibration_batches: int):
             overrides["corda_config"] = CordaConfig(**overrides["corda_config"])
         return LoraConfig(**LORA, target_modules=TARGETS, **overrides), training
     shapes = module_shapes(model)
-    total, num_layers = matched_rank_budget(shapes, overrides["num_A"], overrides["num_B"], token_dependent(overrides))
+    total, num_layers = matched_rank_budget(shapes, overrides["num_A"], overrides["num_B"], router_input(overrides))
     mean_rank = max(1, round(total / num_layers))
     config = dict(r=mean_rank, lora_alpha=2 * mean_rank, target_modules=TARGETS, awsvd_collect_steps=calibration_batches)
     if overrides.get("use_layer_wise_rank"):
@@ -326,10 +335,16 @@ def token_dependent(overrides: dict) -> bool:
     return get_strategy(overrides.get("cola_strategy", "full")).token_dependent
 
 
+def router_input(overrides: dict) -> Optional[str]:
+    """What an aira_moe method's router reads (``router_input``), None without a router."""
+    return overrides.get("router_input", "layer") if token_dependent(overrides) else None
+
+
 def parameter_tolerance(name: str) -> float:
     kind, overrides = METHODS[name]
+    # a layer-input router's count does not scale with the rank: the budget cannot absorb it exactly
     extra = overrides.get("init_lora_weights") == "eva" or overrides.get("use_dora") or \
-        (kind == AIRA and token_dependent(overrides))
+        (kind == AIRA and router_input(overrides) == "layer")
     return EXTRA_TOLERANCE if extra else EXACT_TOLERANCE
 
 
@@ -445,7 +460,7 @@ def model_profile(args, data: dict, base_dir: str) -> dict:
     splits = torch.load(data["path"])["splits"]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     shapes = module_shapes(model)
-    matched, num_layers = matched_rank_budget(shapes, 2, 3, routed=False)
+    matched, num_layers = matched_rank_budget(shapes, 2, 3)
     tuner = get_peft_model(model, AiraMoeConfig(target_modules=TARGETS, use_layer_wise_rank=True)).base_model
     layers = tuner.aira_moe_layers("default")
     units = allocation_units(layers)

@@ -109,9 +109,17 @@ def load_adapter_tensors(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
-def test_train_all_techniques(assets, tmp_path):
+@pytest.fixture(scope="module")
+def default_run(assets, tmp_path_factory):
+    """(output dir, log) of one 6-step run with every technique: the training and the export tests read it."""
+    tmp_path = tmp_path_factory.mktemp("default_run")
     out = tmp_path / "out"
     _, log = run_cli("train", train_args(assets, out), tmp_path)
+    return out, log
+
+
+def test_train_all_techniques(default_run):
+    out, log = default_run
     losses = logged_losses(out)
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     pattern = rank_pattern(out)
@@ -126,33 +134,40 @@ def test_train_all_techniques(assets, tmp_path):
     assert "aira_moe allocation" in log
 
 
-def test_resume_reuses_ranks_and_matches_uninterrupted_run(assets, tmp_path):
+def test_resume_matches_the_straight_run_and_a_rerun_overwrites_nothing(assets, tmp_path):
+    """One 6-step run, then: resumed from its checkpoint-3 into a new folder it ends at the same weights; run again as
+    it is, it trains and overwrites nothing; asked for more steps, it continues from its last checkpoint."""
     # the 'residual' AwSVD init: the base weight holds W - dW0, which the Trainer's reload must not subtract twice
-    residual = {"awsvd_mode": "residual"}
+    residual = {"awsvd_mode": "residual", "overwrite_output_dir": False}
     straight = tmp_path / "straight"
     run_cli("train", train_args(assets, straight, **residual), tmp_path)
     resumed = tmp_path / "resumed"
-    run_cli("train", train_args(assets, resumed, max_steps=3, **residual), tmp_path)
     _, log = run_cli(
-        "train",
-        train_args(assets, resumed, resume_from_checkpoint=str(resumed / "checkpoint-3"), overwrite_output_dir=False,
-                   **residual),
-        tmp_path,
-    )
+        "train", train_args(assets, resumed, resume_from_checkpoint=str(straight / "checkpoint-3"), **residual), tmp_path)
     assert "calibration skipped" in log and "aira_moe calibration" not in log
-    assert rank_pattern(resumed) == rank_pattern(resumed / "checkpoint-3") == rank_pattern(straight)
+    assert rank_pattern(resumed) == rank_pattern(straight / "checkpoint-3") == rank_pattern(straight)
     a, b = load_adapter_tensors(straight), load_adapter_tensors(resumed)
     assert a.keys() == b.keys() and any("aira_moe_init_A" in k for k in a)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
+    before = {name: (straight / name).read_bytes()
+              for name in ("all_results.json", "trainer_state.json", "adapter_model.safetensors")}
+    code, log = run_cli("train", train_args(assets, straight, **residual), tmp_path)
+    assert code == 0 and "is complete (6 of 6 steps)" in log and "overwrite_output_dir: true" in log
+    assert "aira_moe calibration" not in log and "Resuming training" not in log
+    assert {name: (straight / name).read_bytes() for name in before} == before
+    # asking for more steps than the finished run made continues it from its last checkpoint
+    code, log = run_cli("train", train_args(assets, straight, max_steps=7, **residual), tmp_path)
+    assert "Resuming training" in log and "calibration skipped" in log
+    assert json.loads((straight / "trainer_state.json").read_text())["global_step"] == 7
 
-def test_export_merges_exactly_and_chat_loads(assets, tmp_path):
+
+def test_export_merges_exactly_and_chat_loads(assets, default_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "out"
-    run_cli("train", train_args(assets, out, max_steps=4), tmp_path)
+    out, _ = default_run
     export_dir = tmp_path / "merged"
     run_cli(
         "export",
@@ -319,20 +334,6 @@ def test_aira_moe_keys_under_another_finetuning_type_are_an_error(assets, tmp_pa
 
     _, _, _, finetuning_args, _ = get_train_args({**lora_only, "finetuning_type": "lora", "lora_rank": 4})
     assert finetuning_args.finetuning_type == "lora"
-
-
-def test_rerunning_a_finished_run_trains_nothing_and_overwrites_nothing(assets, tmp_path):
-    out = tmp_path / "out"
-    run_cli("train", train_args(assets, out, max_steps=2, save_steps=1, overwrite_output_dir=False), tmp_path)
-    before = {name: (out / name).read_bytes() for name in ("all_results.json", "trainer_state.json", "adapter_model.safetensors")}
-    code, log = run_cli("train", train_args(assets, out, max_steps=2, save_steps=1, overwrite_output_dir=False), tmp_path)
-    assert code == 0 and "is complete (2 of 2 steps)" in log and "overwrite_output_dir: true" in log
-    assert "aira_moe calibration" not in log and "Resuming training" not in log
-    assert {name: (out / name).read_bytes() for name in before} == before
-    # asking for more steps than the finished run made continues it from its last checkpoint
-    code, log = run_cli("train", train_args(assets, out, max_steps=3, save_steps=1, overwrite_output_dir=False), tmp_path)
-    assert "Resuming training" in log and "calibration skipped" in log
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
 
 
 def test_routed_trains_logs_routing_resumes_exactly_chats_and_refuses_export(assets, tmp_path):

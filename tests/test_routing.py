@@ -61,7 +61,8 @@ def test_frozen_constant_router_equals_the_fixed_pairing(fixed, training):
 
 
 def reference_loop(layer, x, top_k, in_scale=None):
-    """Per token: logits = W_r x + b, p = softmax, keep the top_k (all when 0), y = s sum_e p_e B_j A_i x (e = j num_A
+    """Per token: logits = W_r x + b (with ``router_input: projections`` W_r h / rms(h) + b, h = [A_1 x'; A_2 x'],
+    x' = what the A side reads), p = softmax, keep the top_k (all when 0), y = s sum_e p_e B_j A_i x' (e = j num_A
     + i); and the load-balancing loss E sum_e f_e P_e. Written one token and one chosen expert at a time."""
     experts_A, experts_B = layer.aira_moe_A["default"], layer.aira_moe_B["default"]
     weight, bias = layer.aira_moe_router_weight["default"], layer.aira_moe_router_bias["default"]
@@ -69,13 +70,19 @@ def reference_loop(layer, x, top_k, in_scale=None):
     num_experts = num_A * num_B
     tokens = x.reshape(-1, x.shape[-1])
     outputs, probs, counts = [], [], torch.zeros(num_experts, dtype=x.dtype)
+    reads_projections = layer.strategy_options["default"].get("router_input") == "projections"
     for token in tokens:
-        p = torch.softmax(weight @ token + bias, dim=0)
+        seen = token if in_scale is None else token * in_scale
+        if reads_projections:
+            # where s goes with an input weight (folded into it) matters only through the RMS's epsilon
+            h = torch.cat([a @ (seen if in_scale is None else seen * layer.scaling["default"]) for a in experts_A])
+            p = torch.softmax(weight @ (h / torch.sqrt((h * h).mean() + 1e-6)) + bias, dim=0)
+        else:
+            p = torch.softmax(weight @ token + bias, dim=0)
         chosen = range(num_experts) if top_k == 0 else torch.topk(p, top_k).indices.tolist()
         dispatched = [int(torch.argmax(p))] if top_k == 0 else chosen
         for e in dispatched:
             counts[e] += 1
-        seen = token if in_scale is None else token * in_scale
         out = torch.zeros(experts_B.shape[1], dtype=x.dtype)
         for e in chosen:
             j, i = divmod(int(e), num_A)
@@ -87,9 +94,12 @@ def reference_loop(layer, x, top_k, in_scale=None):
     return torch.stack(outputs).reshape(*x.shape[:-1], -1), aux
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 0])
-def test_routing_equals_a_per_token_reference_loop_with_its_gradients(top_k):
-    model, layer = one_layer("routed", top_k=top_k, coef=0.3)
+@pytest.mark.parametrize("top_k,router_input", [(1, "layer"), (2, "layer"), (0, "layer"), (1, "projections"),
+                                                (0, "projections")])
+def test_routing_equals_a_per_token_reference_loop_with_its_gradients(top_k, router_input):
+    model, layer = one_layer("routed", top_k=top_k, coef=0.3, router_input=router_input)
+    reads = 2 * 3 if router_input == "projections" else 16  # num_A * r, or in
+    assert layer.aira_moe_router_weight["default"].shape == (6, reads)
     model.train()
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     got = model(x) - layer.base_layer(x)
@@ -110,10 +120,12 @@ def test_routing_equals_a_per_token_reference_loop_with_its_gradients(top_k):
         assert torch.equal(model(x), model(x))
 
 
-def test_channel_weights_and_the_router_input():
-    """inps weighting scales what the A side reads; the router reads the layer input itself."""
+@pytest.mark.parametrize("router_input", ["layer", "projections"])
+def test_channel_weights_and_the_router_input(router_input):
+    """inps weighting scales what the A side reads; the router reads the layer input itself, or the weighted
+    projections."""
     model, layer = one_layer("routed", top_k=1, use_activation_aware=True, activation_aware_mode="inps",
-                             calibrated=True)
+                             calibrated=True, router_input=router_input)
     layer.set_channel_scale("default", torch.rand(16, dtype=torch.float64) + 0.5)
     x = torch.randn(4, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -147,6 +159,9 @@ def test_merge_and_lora_export_refuse_in_one_line(tmp_path):
     (dict(router_top_k=-1), r"`router_top_k` must be an integer >= 0, got -1"),
     (dict(router_aux_loss_coef=-0.5), r"`router_aux_loss_coef` must be a number >= 0, got -0.5"),
     (dict(router_top_k=2, cola_strategy="full"), r"`router_top_k`=2 needs `cola_strategy`='routed'"),
+    (dict(router_input="projections", cola_strategy="heuristic"),
+     r"`router_input`='projections' needs `cola_strategy`='routed'.*got `cola_strategy`='heuristic'"),
+    (dict(router_input="hidden"), r"router_input.*'hidden'"),
     (dict(router_top_k=2, use_awsvd_init=True, awsvd_mode="residual"), r"`awsvd_mode`='residual' .* `router_top_k`=2"),
 ])
 def test_bad_router_values_name_key_and_value(kwargs, message):
@@ -171,12 +186,13 @@ def train_steps(model, input_ids, steps, optimizer=None):
     return optimizer
 
 
-def test_reload_and_resume_are_exact(input_ids, tmp_path):
+@pytest.mark.parametrize("router", [dict(router_top_k=2), dict(router_input="projections")])
+def test_reload_and_resume_are_exact(input_ids, tmp_path, router):
     """3 steps, save the adapter and the optimizer, reload both into a fresh model, 3 more steps == 6 straight."""
-    straight = routed_llama(router_top_k=2)
+    straight = routed_llama(**router)
     start = {k: v.clone() for k, v in straight.state_dict().items()}
     train_steps(straight, input_ids, 6)
-    first = routed_llama(router_top_k=2)
+    first = routed_llama(**router)
     first.load_state_dict(start)
     optimizer = train_steps(first, input_ids, 3)
     first.save_pretrained(tmp_path / "ckpt")
@@ -192,6 +208,19 @@ def test_reload_and_resume_are_exact(input_ids, tmp_path):
     for key, value in straight.state_dict().items():
         if "aira_moe_" in key:
             assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("strategy,router_input", [("routed", "layer"), ("routed", "projections"),
+                                                   ("heuristic", "layer")])
+def test_allocation_report_counts_every_trainable_parameter(strategy, router_input):
+    """The report's trainable_params after layer-wise allocation is the model's count, a router's included (the
+    projections router's grows with each layer's rank, the layer-input router's does not)."""
+    config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, cola_strategy=strategy, router_input=router_input,
+                           target_modules=ALL_TARGETS, use_layer_wise_rank=True, rank_budget=10, min_rank=1, max_rank=6)
+    model = get_peft_model(make_tiny_llama(num_layers=3), config)
+    report = model.calibrate(random_batches(2))
+    assert len(set(model.peft_config["default"].rank_pattern.values())) > 1
+    assert report["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_load_balancing_loss_reaches_the_router_through_non_reentrant_checkpointing(input_ids):

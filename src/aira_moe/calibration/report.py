@@ -20,9 +20,12 @@ def build_report(
     uniform_r: int,
     config_summary: dict,
     seconds: dict[str, float],
+    params_fixed: Optional[dict[str, int]] = None,
 ) -> dict:
     """Per unit: theta, rank, modules; totals; trainable parameters vs uniform rank ``uniform_r``.
-    ``params_per_rank[module]`` = trainable parameters of that module per unit of rank = num_A*in + num_B*out."""
+    ``params_per_rank[module]`` = trainable parameters of that module per unit of rank (num_A*in + num_B*out, plus a
+    router's share), ``params_fixed[module]`` those that do not depend on the rank (a router's, default none)."""
+    fixed = sum((params_fixed or {}).get(m, 0) for ms in units.values() for m in ms)
     rows = []
     for unit, modules in units.items():
         rows.append({
@@ -31,8 +34,8 @@ def build_report(
             "rank": unit_ranks[unit],
             "modules": modules,
         })
-    params = sum(unit_ranks[u] * params_per_rank[m] for u, ms in units.items() for m in ms)
-    uniform = sum(uniform_r * params_per_rank[m] for ms in units.values() for m in ms)
+    params = fixed + sum(unit_ranks[u] * params_per_rank[m] for u, ms in units.items() for m in ms)
+    uniform = fixed + sum(uniform_r * params_per_rank[m] for ms in units.values() for m in ms)
     return {
         "config": config_summary,
         "layers": rows,

@@ -14,7 +14,7 @@ from ..tuner.config import AiraMoeConfig
 # lora_rank -> r, lora_alpha, lora_dropout, lora_target -> target_modules, additional_target -> modules_to_save,
 # use_rslora.
 METHOD_KEYS = (
-    "num_A", "num_B", "cola_strategy", "cola_seed", "router_top_k", "router_aux_loss_coef",
+    "num_A", "num_B", "cola_strategy", "cola_seed", "router_top_k", "router_input", "router_aux_loss_coef",
     "use_layer_wise_rank", "theta_type", "lod_threshold_M", "lod_reference", "rank_budget", "min_rank", "max_rank",
     "layer_scaling", "objective_function",
     "use_awsvd_init", "awsvd_mode", "awsvd_collect_steps", "awsvd_solver", "awsvd_niter", "awsvd_oversample", "awsvd_split",

@@ -17,6 +17,9 @@ ZH_HELP = {
                      " softmax 路由器按 token 混合 num_A * num_B 个组合（不可合并、不可导出为 LoRA：以未合并方式部署）。",
     "router_top_k": "仅 'routed'：每个 token 只保留 router_top_k 个最大的门控值（不重新归一化）；0 保留全部 "
                     "num_A * num_B 个门控（稠密）。",
+    "router_input": "仅 'routed'：路由器的输入。'layer'：层输入，每个模块 num_A * num_B * (in + 1) 个参数；"
+                    "'projections'：专家自己的下投影 A_i x（RMS 归一化），num_A * num_B * (num_A * r + 1) 个参数，"
+                    "把参数留给专家的秩。",
     "router_aux_loss_coef": "仅 'routed'：加到训练损失上的负载均衡损失（Switch Transformer 的 E * sum f_e P_e，"
                             "各层取平均）的权重；0 表示关闭。",
     "cola_seed": "'random' 策略逐步配对的随机种子（所有进程相同）。",

@@ -29,6 +29,7 @@ from ..calibration.stats import (
 )
 from .collect import broadcast_from_main, is_main_process, run_calibration_pass
 from .quantized import dequantized_weight
+from .strategies.routed import router_parameters
 
 logger = get_logger()
 
@@ -237,20 +238,25 @@ def calibrate_model(tuner, loader, adapter_name: str, max_batches: Optional[int]
                 broadcast_from_main(table[adapter_name].data)
     config.calibrated = True
 
+    router = {name: router_parameters(config.num_A, config.num_B, layer.in_features, config.router_input)
+              if config.token_dependent else (0, 0) for name, layer in layers.items()}
     report = build_report(
         units=units,
         importance=importance,
         unit_ranks=unit_ranks,
         params_per_rank={
-            name: config.num_A * layer.in_features + config.num_B * layer.out_features for name, layer in layers.items()
+            name: config.num_A * layer.in_features + config.num_B * layer.out_features + router[name][0]
+            for name, layer in layers.items()
         },
+        params_fixed={name: per_module[1] for name, per_module in router.items()},
         uniform_r=config.r,
         config_summary={
             key: getattr(config, key)
             for key in ("r", "num_A", "num_B", "cola_strategy", "use_layer_wise_rank", "theta_type", "lod_threshold_M",
                         "min_rank", "max_rank", "objective_function", "use_awsvd_init", "use_activation_aware",
                         "activation_aware_mode", "activation_normalize", "awsvd_collect_steps")
-        } | {"rank_budget": budget if budget is not None else config.rank_budget},
+        } | {"rank_budget": budget if budget is not None else config.rank_budget}
+          | ({"router_input": config.router_input} if config.token_dependent else {}),
         seconds=seconds,
     )
     if is_main_process():

@@ -24,6 +24,7 @@ AWSVD_MODES = ("residual", "directions")
 LAYER_SCALINGS = ("rank", "base")
 ACTIVATION_NORMALIZATIONS = tuple(CHANNEL_NORMALIZERS)
 BIAS_OPTIONS = ("none", "all", "aira_moe_only")
+ROUTER_INPUTS = ("layer", "projections")
 
 
 def _require_choice(name: str, value, choices) -> None:
@@ -83,6 +84,13 @@ class AiraMoeConfig(PeftConfig):
         default=0,
         metadata={"help": "'routed' only: keep each token's router_top_k largest gates (not renormalised); 0 keeps "
                           "all num_A * num_B gates (dense). "},
+    )
+    router_input: Literal[ROUTER_INPUTS] = field(
+        default="layer",
+        metadata={"help": "'routed' only: what the router reads. 'layer': the layer input, num_A * num_B * (in + 1) "
+                          "parameters per module; 'projections': the experts' own down-projections A_i x (RMS-"
+                          "normalised), num_A * num_B * (num_A * r + 1), which leaves the parameters to the experts' "
+                          "rank. "},
     )
     router_aux_loss_coef: float = field(
         default=0.01,
@@ -244,6 +252,10 @@ class AiraMoeConfig(PeftConfig):
                 or not self.router_aux_loss_coef >= 0:
             raise UserError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
         routed = self.token_dependent
+        _require_choice("router_input", self.router_input, ROUTER_INPUTS)
+        if self.router_input != "layer" and not routed:
+            raise UserError(f"`router_input`={self.router_input!r} needs `cola_strategy`='routed' (it is what the "
+                            f"router reads), got `cola_strategy`={self.cola_strategy!r}.")
         if self.router_top_k and not routed:
             raise UserError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
                             f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
@@ -297,6 +309,7 @@ class AiraMoeConfig(PeftConfig):
             "activation_mode": self.activation_aware_mode if self.use_activation_aware else None,
             "with_initial_factors": self.use_awsvd_init and self.awsvd_mode == "residual",
             "router_top_k": self.router_top_k,
+            "router_input": self.router_input,
         }
 
     @property

@@ -7,8 +7,13 @@ g (num_B x num_A) and the update is
     dW(x) x = s * sum_j sum_i g[j, i](x) * B_j A_i x        (dense: the gates sum to one)
 
 With ``top_k`` = k > 0 only the k largest gates of a token are kept, not renormalised (Switch-style: the router
-still gets a gradient from the main loss at k = 1). A constant router with gates M / sum(M) is the fixed pairing M
-scaled by 1 / sum(M). Three token-sized GEMMs plus one batched mix, whatever num_A and num_B:
+still gets a gradient from the main loss at k = 1). The router reads the layer input (``router_input: layer``, E * (in +
+1) parameters) or the experts' own down-projections h = [A_1 x, ..., A_num_A x], RMS-normalised (``projections``, E *
+(num_A * r + 1)): at a fixed parameter count the second leaves the budget to the experts' rank (at SmolLM2's widths
+the layer-input router takes 37 % of LoRA r=8's parameters), and the normalisation keeps its logits at the scale of
+its init whatever the scale of h (AwSVD's directions read the massive channels). A constant router with gates
+M / sum(M) is the fixed pairing M scaled by 1 / sum(M). Three token-sized GEMMs plus one batched mix, whatever num_A
+and num_B:
 
     h = x @ A_cat.T                     (T, num_A * r)     A side, expert-major: h[:, i*r:(i+1)*r] = A_i x
     m = g @ h.view(T, num_A, r)         (T, num_B, r)      the gated mix, one bmm: m_j = sum_i g[j, i] A_i x
@@ -32,6 +37,15 @@ from .base import CollaborationStrategy
 
 # the router's per-adapter tables: trainable, so peft's set_adapter / delete_adapter / device moves must cover them
 ROUTER_LAYER_NAMES = ("aira_moe_router_weight", "aira_moe_router_bias")
+
+
+def router_parameters(num_A: int, num_B: int, in_features: int, router_input: str) -> tuple[int, int]:
+    """(per unit of rank, fixed): the trainable parameters of one module's router, E (reads + 1) with E = num_A num_B
+    and reads = in (``layer``) or num_A r (``projections``)."""
+    experts = num_A * num_B
+    if router_input == "projections":
+        return experts * num_A, experts
+    return 0, experts * (in_features + 1)
 
 
 def routed_factors(
@@ -71,9 +85,18 @@ def router_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return gates, probs, dispatch
 
 
+ROUTER_RMS_EPS = 1e-6
+
+
+def rms_normalized(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` / its RMS over the last dimension (no weight): what a ``projections`` router reads."""
+    wide = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # the mean of squares in fp32 or wider
+    return hidden * wide.pow(2).mean(-1, keepdim=True).add(ROUTER_RMS_EPS).rsqrt().to(hidden.dtype)
+
+
 def routed_update(
     x: torch.Tensor,
-    router_input: torch.Tensor,
+    router_input: Optional[torch.Tensor],
     factor_A: torch.Tensor,
     factor_B: torch.Tensor,
     router_weight: torch.Tensor,
@@ -83,10 +106,11 @@ def routed_update(
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(update (..., out), probs (T, E), dispatch (T, E)) of the routed experts on ``x`` (..., in); the router reads
-    ``router_input`` (the layer input before adapter dropout)."""
-    logits = F.linear(router_input, router_weight, router_bias)  # (..., E)
-    gates, probs, dispatch = router_gates(logits.reshape(-1, num_B * num_A), top_k)  # (T, E)
+    ``router_input`` (the layer input before adapter dropout), or with None the RMS-normalised projections
+    h = x @ factor_A.T (``router_weight`` E x num_A * r)."""
     hidden = F.linear(x, factor_A)  # (..., num_A * r)
+    logits = F.linear(rms_normalized(hidden) if router_input is None else router_input, router_weight, router_bias)
+    gates, probs, dispatch = router_gates(logits.reshape(-1, num_B * num_A), top_k)  # (T, E)
     rank = hidden.shape[-1] // num_A
     mixed = torch.bmm(gates.view(-1, num_B, num_A).to(hidden.dtype), hidden.reshape(-1, num_A, rank))  # (T, num_B, r)
     update = F.linear(mixed.view(*x.shape[:-1], num_B * rank), factor_B)  # (..., out)
@@ -179,12 +203,17 @@ class RoutedStrategy(CollaborationStrategy):
         if "aira_moe_router_weight" not in layer._modules:
             # every submodule, even an empty ParameterDict, costs host time on each of the Trainer's per-step walks
             # over the model (train(), parameters()), ~50 Python calls a step per table (tests/test_op_count.py)
-            layer.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in)
+            layer.aira_moe_router_weight = nn.ParameterDict({})  # adapter -> (num_B * num_A, in or num_A * r)
             layer.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
             # an instance attribute, as peft's DoRA does: set_adapter / delete_adapter / device moves cover the router
             layer.adapter_layer_names = (*type(layer).adapter_layer_names, *ROUTER_LAYER_NAMES)
-        layer.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, layer.in_features))
+        reads = num_A * layer.r[adapter_name] if self._reads_projections(layer, adapter_name) else layer.in_features
+        layer.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, reads))
         layer.aira_moe_router_bias[adapter_name] = nn.Parameter(torch.zeros(num_B * num_A))
+
+    @staticmethod
+    def _reads_projections(layer, adapter_name) -> bool:
+        return layer.strategy_options[adapter_name].get("router_input", "layer") == "projections"
 
     def reset_parameters(self, layer, adapter_name):
         # nn.Linear's init, from the same seeded generator as the A experts: random, so that pairs sharing an A do not
@@ -202,7 +231,8 @@ class RoutedStrategy(CollaborationStrategy):
         num_A, num_B = experts_A.shape[0], experts_B.shape[0]
         top_k = layer.strategy_options[adapter_name].get("router_top_k", 0)
         update, probs, dispatch = routed_update(
-            layer._dropout_input(adapter_name, x), x, factor_A, factor_B, router_weight.to(dtype),
+            layer._dropout_input(adapter_name, x), None if self._reads_projections(layer, adapter_name) else x,
+            factor_A, factor_B, router_weight.to(dtype),
             layer.aira_moe_router_bias[adapter_name].to(dtype), num_A, num_B, top_k,
         )
         if layer.training:
