@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = os.path.join(REPO, "scripts", "aira_moe")
@@ -200,9 +201,8 @@ def test_enabled_eval_block_checks_task_dir_before_training(tmp_path):
 
 
 def test_tiny_multitasking_trains_and_its_uncommented_eval_block_runs(tmp_path):
-    """The multi-tasking recipe (TINY=1) trains its 2x3 heuristic adapter and its evaluation block scores
-    base and adapter on every task (aira-moe eval). A routed adapter through llamafactory-cli and aira-moe eval:
-    tests/test_llamafactory.py and tests/test_routing.py."""
+    """The multi-tasking recipe (TINY=1) trains its 2x3 routed adapter (a router on the experts' projections) and
+    its evaluation block scores base and adapter on every task (aira-moe eval, the routed adapter unmerged)."""
     pytest.importorskip("llamafactory")
     script = with_eval_block_uncommented("multi-tasking", tmp_path)
     out = tmp_path / "run"
@@ -210,7 +210,13 @@ def test_tiny_multitasking_trains_and_its_uncommented_eval_block_runs(tmp_path):
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "aira_moe_allocation.json").is_file()
-    assert json.loads((out / "adapter_config.json").read_text())["cola_strategy"] == "heuristic"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["cola_strategy"], config["router_input"]) == ("routed", "projections")
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    router = [value for key, value in tensors.items() if "aira_moe_router_weight" in key]
+    # the router reads num_A * r = 2 * r projections, r the layer's allocated rank: never the 64-wide layer input
+    assert router and all(weight.shape[0] == 6 and weight.shape[1] % 2 == 0 and weight.shape[1] < 64
+                          for weight in router)
     results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
     assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
     base = json.loads((out / "eval_gsm8k_base" / "results.json").read_text())  # the block scores the base model too

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# aira_moe recipe "multi-tasking": All domains combined, 2x3 heuristic experts, every technique, rank_budget=256, 4 GPUs.
+# aira_moe recipe "multi-tasking": All domains combined, 2x3 routed experts, every technique, rank_budget=256, 4 GPUs.
 # Settings: configs/multi-tasking.yaml. Runs on 4 GPUs by default with torchrun + DeepSpeed ZeRO-2.
 # Usage: ./scripts/aira_moe/multi-tasking.sh [key=value ...]     (any cwd)
 #        TINY=1 ./scripts/aira_moe/multi-tasking.sh              (tiny default on CPU, ~1.5 minutes)
