@@ -283,12 +283,13 @@ def matched_rank_budget(shapes, num_A: int, num_B: int, router: Optional[str] = 
     """(total rank over the layers, number of layers) whose aira_moe parameters are closest to LoRA r=8's: a layer of
     rank r costs r * sum(num_A in + num_B out) over its projections; a router (``router_input``) num_A num_B (in + 1)
     per projection when it reads the layer input, num_A num_B (num_A r + 1) when it reads the projections."""
+    from aira_moe.tuner.strategies.routed import router_parameters
+
     layers = sorted({layer for layer, _, _ in shapes})
-    experts = num_A * num_B
-    per_rank = sum(num_A * fan_in + num_B * fan_out + (experts * num_A if router == "projections" else 0)
-                   for _, fan_in, fan_out in shapes)
-    fixed = {None: 0, "layer": sum(experts * (fan_in + 1) for _, fan_in, _ in shapes),
-             "projections": experts * len(shapes)}[router]
+    routers = [router_parameters(num_A, num_B, fan_in, router) if router else (0, 0) for _, fan_in, _ in shapes]
+    per_rank = sum(num_A * fan_in + num_B * fan_out + per_rank_router
+                   for (_, fan_in, fan_out), (per_rank_router, _) in zip(shapes, routers))
+    fixed = sum(fixed_router for _, fixed_router in routers)
     return round((lora_budget(shapes) - fixed) * len(layers) / per_rank), len(layers)
 
 
