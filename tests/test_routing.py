@@ -169,6 +169,26 @@ def test_bad_router_values_name_key_and_value(kwargs, message):
         AiraMoeConfig(**{"num_A": 2, "num_B": 3, "cola_strategy": "routed", **kwargs})
 
 
+def test_routed_update_needs_the_layer_input_to_route_on_it():
+    """The functional form refuses a layer router without its input instead of silently routing on something else."""
+    from aira_moe.tuner.strategies.routed import routed_update
+    x, factor_A, factor_B = torch.randn(5, 16), torch.randn(4, 16), torch.randn(12, 6)  # num_A=2, num_B=3, r=2
+    args = (x, factor_A, factor_B, torch.zeros(6, 4), torch.zeros(6), 2, 3, 0)
+    with pytest.raises(ValueError, match=r"router_input='layer' with layer_input None"):
+        routed_update(*args)
+    update, probs, _ = routed_update(*args, router_input="projections")
+    # zero router: uniform gates 1/6, so the update is sum_j sum_i B_j A_i x / 6
+    want = summed_pairs(x, factor_A, factor_B) / 6
+    torch.testing.assert_close(update, want)
+    torch.testing.assert_close(probs, torch.full((5, 6), 1 / 6))
+
+
+def summed_pairs(x, factor_A, factor_B):
+    """sum over every (j, i) of B_j A_i x, factors in the routed layout (r=2, num_A=2, num_B=3)."""
+    projections = [x @ factor_A[i * 2:(i + 1) * 2].T for i in range(2)]
+    return sum(p @ factor_B[:, j * 2:(j + 1) * 2].T for j in range(3) for p in projections)
+
+
 def routed_llama(**kwargs):
     config = AiraMoeConfig(r=4, lora_alpha=8, num_A=2, num_B=3, cola_strategy="routed", target_modules=ALL_TARGETS,
                            **kwargs)

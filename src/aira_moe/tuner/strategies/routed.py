@@ -96,7 +96,6 @@ def rms_normalized(hidden: torch.Tensor) -> torch.Tensor:
 
 def routed_update(
     x: torch.Tensor,
-    router_input: Optional[torch.Tensor],
     factor_A: torch.Tensor,
     factor_B: torch.Tensor,
     router_weight: torch.Tensor,
@@ -104,12 +103,23 @@ def routed_update(
     num_A: int,
     num_B: int,
     top_k: int,
+    *,
+    router_input: str = "layer",
+    layer_input: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(update (..., out), probs (T, E), dispatch (T, E)) of the routed experts on ``x`` (..., in); the router reads
-    ``router_input`` (the layer input before adapter dropout), or with None the RMS-normalised projections
-    h = x @ factor_A.T (``router_weight`` E x num_A * r)."""
+    """(update (..., out), probs (T, E), dispatch (T, E)) of the routed experts on ``x`` (..., in). The router reads
+    ``layer_input`` (``router_input`` "layer": the layer input before adapter dropout, ``router_weight`` E x in) or
+    the RMS-normalised projections h = x @ factor_A.T ("projections": ``router_weight`` E x num_A * r)."""
     hidden = F.linear(x, factor_A)  # (..., num_A * r)
-    logits = F.linear(rms_normalized(hidden) if router_input is None else router_input, router_weight, router_bias)
+    if router_input == "projections":
+        reads = rms_normalized(hidden)
+    elif router_input == "layer" and layer_input is not None:
+        reads = layer_input
+    else:
+        raise ValueError(f"router_input={router_input!r} with layer_input "
+                         f"{'given' if layer_input is not None else 'None'}: 'layer' needs the layer input, "
+                         "'projections' reads the experts' projections")
+    logits = F.linear(reads, router_weight, router_bias)
     gates, probs, dispatch = router_gates(logits.reshape(-1, num_B * num_A), top_k)  # (T, E)
     rank = hidden.shape[-1] // num_A
     mixed = torch.bmm(gates.view(-1, num_B, num_A).to(hidden.dtype), hidden.reshape(-1, num_A, rank))  # (T, num_B, r)
@@ -207,13 +217,14 @@ class RoutedStrategy(CollaborationStrategy):
             layer.aira_moe_router_bias = nn.ParameterDict({})  # adapter -> (num_B * num_A,)
             # an instance attribute, as peft's DoRA does: set_adapter / delete_adapter / device moves cover the router
             layer.adapter_layer_names = (*type(layer).adapter_layer_names, *ROUTER_LAYER_NAMES)
-        reads = num_A * layer.r[adapter_name] if self._reads_projections(layer, adapter_name) else layer.in_features
+        projections = self._router_input(layer, adapter_name) == "projections"
+        reads = num_A * layer.r[adapter_name] if projections else layer.in_features
         layer.aira_moe_router_weight[adapter_name] = nn.Parameter(torch.empty(num_B * num_A, reads))
         layer.aira_moe_router_bias[adapter_name] = nn.Parameter(torch.zeros(num_B * num_A))
 
     @staticmethod
-    def _reads_projections(layer, adapter_name) -> bool:
-        return layer.strategy_options[adapter_name].get("router_input", "layer") == "projections"
+    def _router_input(layer, adapter_name) -> str:
+        return layer.strategy_options[adapter_name].get("router_input", "layer")
 
     def reset_parameters(self, layer, adapter_name):
         # nn.Linear's init, from the same seeded generator as the A experts: random, so that pairs sharing an A do not
@@ -231,9 +242,9 @@ class RoutedStrategy(CollaborationStrategy):
         num_A, num_B = experts_A.shape[0], experts_B.shape[0]
         top_k = layer.strategy_options[adapter_name].get("router_top_k", 0)
         update, probs, dispatch = routed_update(
-            layer._dropout_input(adapter_name, x), None if self._reads_projections(layer, adapter_name) else x,
-            factor_A, factor_B, router_weight.to(dtype),
+            layer._dropout_input(adapter_name, x), factor_A, factor_B, router_weight.to(dtype),
             layer.aira_moe_router_bias[adapter_name].to(dtype), num_A, num_B, top_k,
+            router_input=self._router_input(layer, adapter_name), layer_input=x,
         )
         if layer.training:
             counter = layer.step_counter
