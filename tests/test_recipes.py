@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -159,6 +160,33 @@ def test_eval_block_scores_base_and_adapter_in_one_process_and_keeps_a_finished_
             assert len(lines) == 2 and scored in lines[1] and "--adapter_name_or_path" not in lines[1], lines
     (out / "eval_gsm8k_base" / "results.json").write_text("{}")
     assert len(eval_lines()) == 2  # both kept: two "exist" lines, no command
+
+
+def test_eval_block_prints_base_to_adapter_only_for_results_scored_alike(tmp_path):
+    """The block's before -> after line (common.sh's comparison, run as the block runs it): one line from two results
+    scored alike; a kept result scored on other questions (another EVAL_LIMIT) is exit 2 naming both, never mixed."""
+    common = open(os.path.join(SCRIPTS, "common.sh"), encoding="utf-8").read()
+    compare = common.split("\"$OUTPUT_DIR/eval_$task/results.json\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    args = {"task": "gsm8k", "task_dir": "eval", "max_questions": 20, "n_shot": 0, "seed": 42, "template": "smollm2",
+            "model_name_or_path": "/models/smollm2"}
+
+    def result(name, accuracy, loss, **changed):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"task": "gsm8k", "accuracy": accuracy, "answer_loss": loss, "num_questions": 20,
+                                    "args": {**args, "adapter_name_or_path": None, **changed}}))
+        return str(path)
+
+    base = result("eval_gsm8k_base", 0.25, 1.8314)
+    ran = subprocess.run([sys.executable, "-c", compare, base, result("eval_gsm8k", 0.3, 1.4371)],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout == ("[aira_moe] gsm8k: accuracy base 25.00% -> aira_moe 30.00%, "
+                                                  "answer loss 1.831 -> 1.437 (20 questions)\n"), ran.stderr
+    other = result("eval_gsm8k_all", 0.3, 1.4371, max_questions=None)
+    ran = subprocess.run([sys.executable, "-c", compare, base, other], capture_output=True, text=True)
+    assert ran.returncode == 2 and ran.stdout == ""
+    assert ran.stderr.strip() == (f"aira_moe: {base} and {other} were scored differently (max_questions 20 vs None); "
+                                  "pass --overwrite_save_dir to aira_eval to score both again")
 
 
 def test_base_smollm2_resolves_the_real_model_on_cpu_and_the_local_datasets(smollm2_dir, tmp_path):

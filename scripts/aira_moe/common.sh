@@ -218,6 +218,14 @@ aira_eval() {  # aira_eval TASK [aira-moe eval flags]: score the base model and 
 import json, sys
 
 base, adapter = (json.load(open(path, encoding="utf-8")) for path in sys.argv[1:])
+# a kept result of an earlier run may have been scored on other questions (EVAL_LIMIT, n_shot): never print a mixed pair
+settings = ("task", "task_dir", "max_questions", "n_shot", "seed", "template", "model_name_or_path")
+differ = [f"{key} {base['args'].get(key)!r} vs {adapter['args'].get(key)!r}" for key in settings
+          if base["args"].get(key) != adapter["args"].get(key)]
+if differ:
+    print(f"aira_moe: {sys.argv[1]} and {sys.argv[2]} were scored differently ({', '.join(differ)}); pass "
+          "--overwrite_save_dir to aira_eval to score both again", file=sys.stderr)
+    sys.exit(2)
 print(f"[aira_moe] {adapter['task']}: accuracy base {100 * base['accuracy']:.2f}% -> aira_moe {100 * adapter['accuracy']:.2f}%, "
       f"answer loss {base['answer_loss']:.3f} -> {adapter['answer_loss']:.3f} ({adapter['num_questions']} questions)")
 PY
