@@ -2,7 +2,7 @@
 # aira_moe recipe "multi-tasking": All domains combined, 2x3 routed experts, every technique, rank_budget=256, 4 GPUs.
 # Settings: configs/multi-tasking.yaml. Runs on 4 GPUs by default with torchrun + DeepSpeed ZeRO-2.
 # Usage: ./scripts/aira_moe/multi-tasking.sh [key=value ...]     (any cwd)
-#        TINY=1 ./scripts/aira_moe/multi-tasking.sh              (tiny default on CPU, ~1.5 minutes)
+#        TINY=1 ./scripts/aira_moe/multi-tasking.sh              (tiny default on CPU, ~1 minute)
 #        MODEL=/path/to/model NPROC_PER_NODE=8 OUTPUT_DIR=... DEEPSPEED=none EXTRA="learning_rate=1e-4" ./scripts/aira_moe/multi-tasking.sh
 # Every variable is described in scripts/aira_moe/common.sh and scripts/aira_moe/README.md.
 set -euo pipefail
