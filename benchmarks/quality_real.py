@@ -94,6 +94,11 @@ METHODS = {
     "aira_1x1_no_layer_wise": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_layer_wise_rank": False}),
     "aira_1x1_no_awsvd": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_awsvd_init": False}),
     "aira_1x1_no_weighting": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_activation_aware": False}),
+    # with a trained magnitude per output channel (use_dora: DoRA's decomposition over the folded update; +6.4 % params
+    # on SmolLM2, as peft's DoRA)
+    "aira_heuristic_dora": (AIRA, {**COLA_2X3, **EVERY_TECHNIQUE, "use_dora": True}),
+    "aira_1x1_no_weighting_dora": (AIRA, {"num_A": 1, "num_B": 1, **EVERY_TECHNIQUE, "use_activation_aware": False,
+                                          "use_dora": True}),
     # the multi-tasking recipe's form: a per-token router over the 6 pairs (its router counts in the budget)
     "aira_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed", **EVERY_TECHNIQUE}),
     "cola_routed": (AIRA, {"num_A": 2, "num_B": 3, "cola_strategy": "routed"}),

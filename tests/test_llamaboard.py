@@ -166,8 +166,8 @@ def test_runner_carries_the_panel_and_alerts_with_the_check_line(board, capsys):
     # an emptied field and a LoRA-only option get the same alert path
     empty = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.num_A": None})
     assert runner._initialize(empty, do_train=True, from_preview=False) == "`num_A` is empty; set a value (default 1)."
-    dora = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.use_dora": True})
-    assert "LoRA-only" in runner._initialize(dora, do_train=True, from_preview=True)
+    pissa = board_data(engine, assets, **{"top.finetuning_type": "aira_moe", "train.use_pissa": True})
+    assert "LoRA-only" in runner._initialize(pissa, do_train=True, from_preview=True)
 
     # an output dir holding this run, finished: the seam would train nothing, so LlamaBoard says so instead
     done = workdir / "saves" / "Custom" / "aira_moe" / "done"

@@ -218,15 +218,18 @@ def test_torchrun_two_processes_under_deepspeed_zero2(assets, tmp_path):
 
 
 def test_deepspeed_zero3_single_process(assets, tmp_path):
+    """Partitioned weights, with ``use_dora`` (whose forward reads the whole base weight for its row norms)."""
     out = tmp_path / "z3"
-    args = train_args(assets, out, deepspeed=os.path.join(DEEPSPEED_DIR, "ds_z3_config.json"), max_steps=3)
+    args = train_args(assets, out, deepspeed=os.path.join(DEEPSPEED_DIR, "ds_z3_config.json"), max_steps=3, use_dora=True)
     _, log = run_cli("train", args, tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
     assert "Detected DeepSpeed ZeRO-3" in log
     plain = tmp_path / "plain"
-    run_cli("train", train_args(assets, plain, max_steps=3), tmp_path)
+    run_cli("train", train_args(assets, plain, max_steps=3, use_dora=True), tmp_path)
     # the partitioned calibration (layer-by-layer gathers) gives the same ranks as the plain run
     assert rank_pattern(out) == rank_pattern(plain)
     assert logged_losses(out)[0] == pytest.approx(logged_losses(plain)[0], rel=1e-4)
+    magnitudes = {key: tensor for key, tensor in load_adapter_tensors(out).items() if "aira_moe_magnitude" in key}
+    assert len(magnitudes) == 4 * 7 and all(tensor.dim() == 1 for tensor in magnitudes.values())
 
 
 def test_stock_lora_still_trains(assets, tmp_path):

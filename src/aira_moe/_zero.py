@@ -17,6 +17,12 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None
     """Full parameters inside the block. With ``modifier_rank`` set, that rank's in-place edits are scattered back
     on exit (every rank computes the same edit here, so rank 0 is used)."""
     params = [p for p in params if is_partitioned(p)]
+    if params and modifier_rank is None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # a read inside a forward finds its module's weight already fetched; gathering it again would release it on
+        # exit, under the module that is still using it
+        params = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
     if not params:
         yield
         return

@@ -6,6 +6,10 @@ Per adapted module, the update against the *original* base weight is a product o
   B_cat (M kron I_r) A_cat, rank num_A * r), with the scale s and the fixed channel weights folded in;
 * minus the frozen AwSVD initial update B0 A0 when the base weight was shifted by it (``awsvd_mode='residual'``).
 
+With ``use_dora`` the magnitude per output channel is written as peft's ``lora_magnitude_vector`` with
+``use_dora: true``: peft normalises W + BA of the exported pair, which is the same W + dW, so the DoRA adapter is exact
+too (peft loads it; servers without DoRA support do not).
+
 The two are concatenated (rank R + R0) and reduced, in fp64, to the product's numerical rank by a QR + SVD of the small
 core, which changes nothing beyond fp precision. Standard servers need one rank and one alpha: every module is padded
 with zero rows / columns to the largest rank and its scale is already inside B, so ``lora_alpha = r`` (scale 1).
@@ -26,7 +30,8 @@ from ..tuner.collaboration import adapter_scaling
 from ..tuner.strategies import get_strategy
 
 STATE_PREFIX = "base_model.model."  # peft's saved-key prefix for a PeftModel around a transformers model
-AIRA_SUFFIXES = ("aira_moe_A", "aira_moe_B", "aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B")
+AIRA_SUFFIXES = ("aira_moe_A", "aira_moe_B", "aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B",
+                 "aira_moe_magnitude")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,6 +47,7 @@ class ModuleAdapter:
     channel_scale: Optional[torch.Tensor] = None
     init_A: Optional[torch.Tensor] = None  # (R0, in), subtracted from the base weight as init_B @ init_A
     init_B: Optional[torch.Tensor] = None  # (out, R0)
+    magnitude: Optional[torch.Tensor] = None  # (out,) with use_dora
 
 
 def module_update_factors(module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +153,7 @@ def read_aira_moe_adapter(adapter_dir: str):
             channel_scale=tensors.get("aira_moe_channel_scale"),
             init_A=tensors.get("aira_moe_init_A"),
             init_B=tensors.get("aira_moe_init_B"),
+            magnitude=tensors.get("aira_moe_magnitude"),
         )
     if not modules:
         raise UserError(f"{adapter_dir} has no aira_moe weights")
@@ -196,6 +203,9 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
         padded_A[:k], padded_B[:, :k] = factors.A, factors.B
         tensors[f"{STATE_PREFIX}{name}.lora_A.weight"] = padded_A.to(out_dtype).contiguous()
         tensors[f"{STATE_PREFIX}{name}.lora_B.weight"] = padded_B.to(out_dtype).contiguous()
+        if modules[name].magnitude is not None:  # peft's saved name of a DoRA magnitude
+            tensors[f"{STATE_PREFIX}{name}.lora_magnitude_vector"] = modules[name].magnitude.to(out_dtype).contiguous()
+    use_dora = any(module.magnitude is not None for module in modules.values())
     lora_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -211,7 +221,7 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
         "fan_in_fan_out": config.fan_in_fan_out,
         "modules_to_save": config.modules_to_save,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -227,6 +237,7 @@ def write_lora_adapter(config, modules: dict[str, ModuleAdapter], other: dict[st
         "max_relative_error": max(r.relative_error for r in reduced.values()),
         "truncated": {name: r.relative_error for name, r in reduced.items() if r.A.shape[0] < r.rank_needed},
         "dtype": str(out_dtype).removeprefix("torch."),
+        "use_dora": use_dora,
     }
     with open(os.path.join(out_dir, "aira_moe_export.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
@@ -250,6 +261,7 @@ def modules_from_model(tuner, adapter_name: str):
             channel_scale=layer.aira_moe_channel_scale[adapter_name] if adapter_name in layer.aira_moe_channel_scale else None,
             init_A=layer.aira_moe_init_A[adapter_name] if adapter_name in layer.aira_moe_init_A else None,
             init_B=layer.aira_moe_init_B[adapter_name] if adapter_name in layer.aira_moe_init_B else None,
+            magnitude=layer.aira_moe_magnitude[adapter_name].detach() if layer._has_magnitude(adapter_name) else None,
         )
     other = {}
     for name, wrapper in tuner.model.named_modules():

@@ -12,7 +12,7 @@ from ..tuner.config import AiraMoeConfig
 
 # AiraMoeConfig fields that are YAML keys under their own name. LoRA's keys keep their LLaMA-Factory names and meaning:
 # lora_rank -> r, lora_alpha, lora_dropout, lora_target -> target_modules, additional_target -> modules_to_save,
-# use_rslora.
+# use_rslora, use_dora.
 METHOD_KEYS = (
     "num_A", "num_B", "cola_strategy", "cola_seed", "router_top_k", "router_input", "router_aux_loss_coef",
     "use_layer_wise_rank", "theta_type", "lod_threshold_M", "lod_reference", "rank_budget", "min_rank", "max_rank",
@@ -94,6 +94,7 @@ def peft_config_from_args(args, inference_mode: bool = False, init_weights: bool
         target_modules=target_modules,
         modules_to_save=list(args.additional_target) if args.additional_target else None,
         use_rslora=args.use_rslora,
+        use_dora=args.use_dora,  # LLaMA-Factory's own key, same meaning: a trained magnitude per output channel
         inference_mode=inference_mode,
         init_weights=init_weights,
         task_type="CAUSAL_LM",

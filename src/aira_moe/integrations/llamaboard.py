@@ -139,8 +139,8 @@ def training_arguments(get) -> dict:
         "additional_target": get("train.additional_target") or None,
         "use_rslora": get("train.use_rslora"),
         "create_new_adapter": get("train.create_new_adapter"),
-        # LoRA-only options pass through so that the check names them when they are set (aira_moe refuses them)
         "use_dora": get("train.use_dora"),
+        # LoRA-only options pass through so that the check names them when they are set (aira_moe refuses them)
         "pissa_init": get("train.use_pissa"),
         "loraplus_lr_ratio": get("train.loraplus_lr_ratio") or None,
     }

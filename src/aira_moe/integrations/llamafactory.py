@@ -89,9 +89,9 @@ def _make_arguments_class(base):
                 base.__post_init__(self)
             finally:
                 self.finetuning_type = FINETUNING_TYPE
-            if self.pissa_init or self.use_dora or self.loraplus_lr_ratio is not None:
-                raise UserError("`pissa_init`, `use_dora` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own "
-                                "init (`use_awsvd_init`).")
+            if self.pissa_init or self.loraplus_lr_ratio is not None:
+                raise UserError("`pissa_init` and `loraplus_lr_ratio` are LoRA-only; aira_moe has its own init "
+                                "(`use_awsvd_init`).")
             config = peft_config_from_args(self)  # parses and validates every aira_moe key, naming it
             self.rank_budget = config.rank_budget  # an int or 'auto' from here on (the early budget check reads it)
             self.activation_normalize = config.activation_normalize
@@ -209,6 +209,9 @@ def _patched_verify_model_args(original):
                     "which is implemented for bitsandbytes only; use `quantization_method: bnb` with "
                     "`quantization_bit: 4` or `8`."
                 )
+            if finetuning_args.use_dora:  # the layers would refuse it too, after the model is loaded
+                raise UserError(f"`use_dora` with `quantization_bit`={model_args.quantization_bit}: aira_moe's DoRA "
+                                "normalises W + dW and needs the base weights in full precision; drop one of the two.")
         return original(model_args, data_args, _as_lora(finetuning_args))
 
     return verify

@@ -103,6 +103,13 @@ class AiraMoeConfig(PeftConfig):
     use_rslora: bool = field(
         default=False, metadata={"help": "Scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r. "}
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "Weight-decomposed update (DoRA, Liu et al. 2024): a trained magnitude per output channel "
+                          "rescales each row of W + dW to that length (its norm treated as a constant, as peft does). "
+                          "Adds out_features parameters per module; fixed pairings only ('full', 'heuristic', 'random'); "
+                          "not on a quantised base. Merges exactly and exports as a peft DoRA adapter. "},
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata={
@@ -256,6 +263,9 @@ class AiraMoeConfig(PeftConfig):
         if self.router_input != "layer" and not routed:
             raise UserError(f"`router_input`={self.router_input!r} needs `cola_strategy`='routed' (it is what the "
                             f"router reads), got `cola_strategy`={self.cola_strategy!r}.")
+        if self.use_dora and routed:
+            raise UserError(f"`use_dora`=True needs a fixed pairing ('full', 'heuristic' or 'random'): a per-token "
+                            f"router has no single weight W + dW to normalise, got `cola_strategy`={self.cola_strategy!r}.")
         if self.router_top_k and not routed:
             raise UserError(f"`router_top_k`={self.router_top_k} needs `cola_strategy`='routed' (it selects the "
                             f"gates of the router), got `cola_strategy`={self.cola_strategy!r}.")
@@ -304,6 +314,7 @@ class AiraMoeConfig(PeftConfig):
             "cola_strategy": self.cola_strategy,
             "cola_seed": self.cola_seed,
             "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
             "scaling_rank": self.r if self.layer_scaling == "base" else None,
             "init_weights": self.init_weights,
             "activation_mode": self.activation_aware_mode if self.use_activation_aware else None,

@@ -57,6 +57,11 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+def _wide_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32, or the weight's dtype when wider (fp64 tests): what the DoRA norms are computed in."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class AiraMoeLayer(BaseTunerLayer):
     # trainable, per adapter: one stacked Parameter for all A experts and one for all B experts; a strategy that adds
     # trainable tables (a router) extends this per instance (see its ``init``)
@@ -96,6 +101,8 @@ class AiraMoeLayer(BaseTunerLayer):
         self._residual_applied: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # adapter -> s (out, 1) of a merged DoRA adapter, which its unmerge divides by
+        self._merged_dora_scale: dict[str, torch.Tensor] = {}
         self.step_counter = step_counter or StepCounter()
         self.pairing_row = self.step_counter.register_layer()
         # fixed tensors times a scale, cast to the compute dtype: (adapter, kind) -> (source, stamp, value)
@@ -136,6 +143,7 @@ class AiraMoeLayer(BaseTunerLayer):
         num_B: int,
         cola_strategy: str,
         use_rslora: bool = False,
+        use_dora: bool = False,
         init_weights: bool = True,
         activation_mode: Optional[str] = None,
         with_initial_factors: bool = False,
@@ -144,7 +152,8 @@ class AiraMoeLayer(BaseTunerLayer):
     ) -> None:
         """Create (or re-create with a new rank) the experts of ``adapter_name``, and what its strategy adds. The scale
         is lora_alpha / r (or / sqrt(r) with rsLoRA), with ``scaling_rank`` in place of r when given
-        (layer_scaling='base'); ``strategy_options`` (``cola_seed``, ``router_top_k``) are the strategy's."""
+        (layer_scaling='base'); ``use_dora`` adds a trained magnitude per output channel (see ``_dora_scale``);
+        ``strategy_options`` (``cola_seed``, ``router_top_k``) are the strategy's."""
         if r < 1:
             raise ValueError(f"`r` must be an integer >= 1, got {r!r}.")
         if adapter_name in self._residual_applied:
@@ -168,7 +177,38 @@ class AiraMoeLayer(BaseTunerLayer):
             self.aira_moe_init_B[adapter_name] = torch.zeros(self.out_features, width)
         self.reset_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._update_magnitude(adapter_name, use_dora)
         self.set_adapter(self.active_adapters)
+
+    def _update_magnitude(self, adapter_name: str, use_dora: bool) -> None:
+        """With ``use_dora``: a magnitude per output channel, set to the row norms of W + dW so that the layer's output
+        is unchanged at init (DoRA). Made on the first such adapter only, like the router tables: an empty table
+        costs host time on every training step."""
+        if not use_dora:
+            if "aira_moe_magnitude" in self._modules:
+                self.aira_moe_magnitude.pop(adapter_name, None)
+            return
+        if self.strategy[adapter_name].token_dependent:
+            raise UserError(f"`use_dora` needs a fixed pairing; {self.layer_key} uses "
+                            f"'{self.strategy[adapter_name].name}', whose update depends on the token.")
+        if self.base_quantization is not None:
+            raise UserError(f"`use_dora` needs the base weight of {self.layer_key} in full precision to normalise W + dW; "
+                            f"it is {self.base_quantization} quantised: drop `use_dora` or `quantization_bit`.")
+        if "aira_moe_magnitude" not in self._modules:
+            self.aira_moe_magnitude = nn.ParameterDict({})  # adapter -> (out,)
+            self.adapter_layer_names = (*self.adapter_layer_names, "aira_moe_magnitude")
+        # in the experts' dtype, as peft keeps its magnitude in the adapter's
+        self.aira_moe_magnitude[adapter_name] = nn.Parameter(self._weight_norm(adapter_name).to(self.aira_moe_A[adapter_name].dtype))
+
+    def _has_magnitude(self, adapter_name: str) -> bool:
+        return "aira_moe_magnitude" in self._modules and adapter_name in self.aira_moe_magnitude
+
+    def reset_magnitude(self, adapter_name: str) -> None:
+        """Set the magnitude back to the row norms of the current W + dW (after an init changed both, so the layer's
+        output is again exactly the base model's); no op without ``use_dora``."""
+        if self._has_magnitude(adapter_name):
+            with torch.no_grad():
+                self.aira_moe_magnitude[adapter_name].copy_(self._weight_norm(adapter_name))
 
     def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """LoRA-style init: every A expert Kaiming-uniform, every B expert zero, so the update is exactly 0, then what
@@ -209,6 +249,7 @@ class AiraMoeLayer(BaseTunerLayer):
         self.aira_moe_init_A[adapter_name] = factor_A.detach().float().contiguous().clone()
         self.aira_moe_init_B[adapter_name] = factor_B.detach().float().contiguous().clone()
         self._sync_residual(adapter_name)
+        self.reset_magnitude(adapter_name)  # the rounded W - dW0 + dW0 has slightly other norms than W
 
     def set_initial_directions(self, adapter_name: str, directions: torch.Tensor) -> None:
         """Start every A expert on its own block of rows of ``directions`` (num_A * r x in); B stays zero, so the update
@@ -297,8 +338,45 @@ class AiraMoeLayer(BaseTunerLayer):
             self._cast_cache[(adapter_name, kind)] = cached
         return cached[2]
 
+    def _weight_norm(self, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """Row norms (out,) of the adapted weight W + dW in fp32 (or wider), without gradient: DoRA treats ||W + dW|| as a
+        constant (section 4.3 of the paper; peft does the same), which keeps W + dW out of the autograd graph."""
+        weight = self.get_base_layer().weight
+        wide = _wide_dtype(weight)
+        with gathered([weight]), torch.no_grad():
+            factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, training, wide)
+            adapted = _transpose(weight, self.fan_in_fan_out).to(wide) + factor_B @ factor_A
+            return torch.linalg.vector_norm(adapted, dim=1)
+
+    def _dora_scale(self, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """s = m / ||W + dW|| per output channel (out,), fp32 or wider: the output of W + dW is multiplied by it. Differentiable
+        in m only."""
+        norm = self._weight_norm(adapter_name, training)
+        return self.aira_moe_magnitude[adapter_name].to(norm.dtype) / norm
+
+    def _dora_output(self, adapter_name: str, base_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """What to add to the base output W x so that the sum is s * (W x + dW x)."""
+        scale = self._dora_scale(adapter_name, self.training).to(update.dtype)
+        return (scale - 1) * base_output.to(update.dtype) + scale * update
+
+    def _dora_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(delta, s) for merging a DoRA adapter into the current base weight W: W + delta = s * (W + dW) row-wise,
+        delta in the layout and dtype of the base weight, s as an (out, 1) column (unmerging divides by it)."""
+        weight = self.get_base_layer().weight
+        wide = _wide_dtype(weight)
+        with gathered([weight]), torch.no_grad():
+            base = _transpose(weight, self.fan_in_fan_out).to(wide)
+            factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, False, wide)
+            adapted = base + factor_B @ factor_A
+            scale = (self.aira_moe_magnitude[adapter_name].to(wide) / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
+            delta = scale * adapted - base
+        return _transpose(delta, self.fan_in_fan_out).to(weight.dtype), scale
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """dW of ``adapter_name`` in the layout of the base weight (eval pairing: E[M] for 'random')."""
+        """dW of ``adapter_name`` in the layout of the base weight (eval pairing: E[M] for 'random'). With a magnitude
+        (DoRA): what turns the current base weight W into s * (W + dW)."""
+        if self._has_magnitude(adapter_name):
+            return self._dora_delta(adapter_name)[0]
         device = self.aira_moe_B[adapter_name].device
         dtype = self.aira_moe_B[adapter_name].dtype
         # half precision matmul on CPU is slow or missing: compute in fp32, cast only the result back
@@ -345,7 +423,10 @@ class Linear(nn.Module, AiraMoeLayer):
         for active_adapter in adapter_names:
             if active_adapter not in self.aira_moe_A:
                 continue
-            delta = self.get_delta_weight(active_adapter)
+            if self._has_magnitude(active_adapter):
+                delta, self._merged_dora_scale[active_adapter] = self._dora_delta(active_adapter)
+            else:
+                delta = self.get_delta_weight(active_adapter)
             with gathered([base_layer.weight], modifier_rank=0):
                 if safe_merge:
                     merged = base_layer.weight.data + delta.to(base_layer.weight.dtype)
@@ -363,9 +444,20 @@ class Linear(nn.Module, AiraMoeLayer):
         base_layer = self.get_base_layer()
         while self.merged_adapters:
             active_adapter = self.merged_adapters.pop()
-            if active_adapter in self.aira_moe_A:
+            if active_adapter in self._merged_dora_scale:
+                self._unmerge_dora(active_adapter)
+            elif active_adapter in self.aira_moe_A:
                 with gathered([base_layer.weight], modifier_rank=0):
                     base_layer.weight.data -= self.get_delta_weight(active_adapter).to(base_layer.weight.dtype)
+
+    def _unmerge_dora(self, adapter_name: str) -> None:
+        """W = s * (W + dW) / s - dW, with the s of the merge (the norm of the merged weight is no longer W + dW's)."""
+        weight = self.get_base_layer().weight
+        scale = self._merged_dora_scale.pop(adapter_name)
+        with gathered([weight], modifier_rank=0), torch.no_grad():
+            factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, False, scale.dtype)
+            merged = _transpose(weight, self.fan_in_fan_out).to(scale.dtype)
+            weight.data = _transpose(merged / scale - factor_B @ factor_A, self.fan_in_fan_out).to(weight.dtype)
 
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
@@ -383,7 +475,7 @@ class Linear(nn.Module, AiraMoeLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._restore_residual(adapter_name)
-        for table in (self.strategy, self.strategy_options, self.activation_mode):
+        for table in (self.strategy, self.strategy_options, self.activation_mode, self._merged_dora_scale):
             table.pop(adapter_name, None)
         for key in [key for key in self._cast_cache if key[0] == adapter_name]:
             del self._cast_cache[key]
@@ -418,6 +510,7 @@ class Linear(nn.Module, AiraMoeLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.aira_moe_A]
+        base_output = self._output_without_bias(result) if any(self._has_magnitude(name) for name in active) else None
         if self._residual_applied:
             result = self._add_back_residuals(x, result, skip=active)
         device_type = x.device.type
@@ -426,8 +519,15 @@ class Linear(nn.Module, AiraMoeLayer):
         rank_multiple = RANK_MULTIPLE.get(device_type, 1)
         for active_adapter in active:
             update = self.strategy[active_adapter].forward(self, active_adapter, x, compute_dtype, rank_multiple)
+            if self._has_magnitude(active_adapter):
+                update = self._dora_output(active_adapter, base_output, update)
             result = result + update.to(result.dtype)  # (..., out)
         return result
+
+    def _output_without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        """W x from the base layer's output: DoRA rescales the weight's part, not the bias."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return result if bias is None else result - bias
 
     def _add_back_residuals(self, x: torch.Tensor, result: torch.Tensor, skip) -> torch.Tensor:
         """The base weight lacks dW0 of every AwSVD-initialised adapter; add it back for adapters that are not
