@@ -13,6 +13,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 import aira_moe  # noqa: E402,F401  (registers the method with peft)
 
 
+# one technique at a time, each mode that changes what is saved (the export and DoRA equivalences run over them)
+SINGLE_TECHNIQUES = {
+    "weighting_inps": dict(use_activation_aware=True, activation_aware_mode="inps"),
+    "weighting_outps": dict(use_activation_aware=True, activation_aware_mode="outps"),
+    "awsvd_residual": dict(use_awsvd_init=True, awsvd_mode="residual"),
+    "awsvd_directions": dict(use_awsvd_init=True, awsvd_mode="directions"),
+}
+
+
 def tiny_llama_config(num_layers: int = 2, hidden: int = 64, vocab: int = 128):
     from aira_moe.tiny import tiny_llama_config as config
 

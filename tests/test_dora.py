@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_batches
+from conftest import SINGLE_TECHNIQUES, make_tiny_llama, random_batches
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from aira_moe import AiraMoeConfig
@@ -17,13 +17,7 @@ from aira_moe.export import export_lora, to_lora_adapter
 from aira_moe.integrations.arguments import METHOD_KEYS, peft_config_from_args
 
 FORMS = {"heuristic": dict(num_A=2, num_B=3), "full": dict(num_A=2, num_B=2), "random": dict(num_A=2, num_B=3)}
-TECHNIQUES = {
-    "plain": {},
-    "weighting_inps": dict(use_activation_aware=True, activation_aware_mode="inps"),
-    "weighting_outps": dict(use_activation_aware=True, activation_aware_mode="outps"),
-    "awsvd_residual": dict(use_awsvd_init=True, awsvd_mode="residual"),
-    "awsvd_directions": dict(use_awsvd_init=True, awsvd_mode="directions"),
-}
+TECHNIQUES = {"plain": {}, **SINGLE_TECHNIQUES}
 
 
 class TwoLinear(torch.nn.Module):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_batches
+from conftest import SINGLE_TECHNIQUES, make_tiny_llama, random_batches
 from peft import PeftModel, get_peft_model
 
 from aira_moe import AiraMoeConfig
@@ -19,10 +19,7 @@ from aira_moe.export.lora import reduce_rank
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TECHNIQUE_CASES = {
     "none": {},
-    "weighting_inps": dict(use_activation_aware=True, activation_aware_mode="inps"),
-    "weighting_outps": dict(use_activation_aware=True, activation_aware_mode="outps"),
-    "awsvd_residual": dict(use_awsvd_init=True, awsvd_mode="residual"),
-    "awsvd_directions": dict(use_awsvd_init=True, awsvd_mode="directions"),
+    **SINGLE_TECHNIQUES,
     "layer_wise": dict(use_layer_wise_rank=True, rank_budget=7, min_rank=1, max_rank=6, objective_function="cubic"),
     "all": dict(use_layer_wise_rank=True, rank_budget=7, min_rank=1, max_rank=6, objective_function="cubic",
                 use_awsvd_init=True, awsvd_mode="residual", use_activation_aware=True, activation_aware_mode="inps"),
