@@ -241,3 +241,34 @@ def test_llamafactory_parse_accepts_use_dora_and_refuses_what_it_cannot_do(tmp_p
         check_train_config({**args, "cola_strategy": "routed"})
     with pytest.raises(UserError, match=r"^`pissa_init` and `loraplus_lr_ratio` are LoRA-only"):
         check_train_config({**args, "pissa_init": True})
+
+
+def test_bf16_base_starts_at_the_base_output_and_keeps_small_magnitude_steps():
+    """The magnitude is fp32 on a bf16 base, and s - 1 is formed before the cast: at init the output is the base's
+    exactly, and a 0.3 % magnitude step (below bf16's resolution of s near 1) still moves it."""
+    torch.manual_seed(0)
+    base = TwoLinear().to(torch.bfloat16)
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    model = dora_model(base, "heuristic").eval()
+    layer = model.base_model.model.q
+    assert layer.aira_moe_magnitude["default"].dtype == torch.float32
+    with torch.no_grad():
+        expected = base(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        layer.aira_moe_magnitude["default"].mul_(1.003)
+        assert not torch.equal(model(x), expected)
+
+
+def test_an_adapter_without_use_dora_beside_one_with_it():
+    """Adding (or re-creating) an adapter without the magnitude on a layer that has one for another adapter."""
+    torch.manual_seed(0)
+    base = TwoLinear().double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    model = dora_model(base, "heuristic")
+    model.add_adapter("plain", AiraMoeConfig(r=2, num_A=2, num_B=3, cola_strategy="heuristic", target_modules=["q", "v"]))
+    layer = model.base_model.model.q
+    assert layer._has_magnitude("default") and not layer._has_magnitude("plain")
+    layer.update_layer("default", **{**model.peft_config["default"].layer_kwargs("q"), "use_dora": False})
+    assert not layer._has_magnitude("default")
+    model.set_adapter("plain")
+    torch.testing.assert_close(model.eval()(x), base(x), rtol=0, atol=1e-12)

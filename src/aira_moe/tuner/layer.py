@@ -185,8 +185,8 @@ class AiraMoeLayer(BaseTunerLayer):
         is unchanged at init (DoRA). Made on the first such adapter only, like the router tables: an empty table
         costs host time on every training step."""
         if not use_dora:
-            if "aira_moe_magnitude" in self._modules:
-                self.aira_moe_magnitude.pop(adapter_name, None)
+            if self._has_magnitude(adapter_name):  # re-created without it
+                del self.aira_moe_magnitude[adapter_name]
             return
         if self.strategy[adapter_name].token_dependent:
             raise UserError(f"`use_dora` needs a fixed pairing; {self.layer_key} uses "
@@ -197,8 +197,8 @@ class AiraMoeLayer(BaseTunerLayer):
         if "aira_moe_magnitude" not in self._modules:
             self.aira_moe_magnitude = nn.ParameterDict({})  # adapter -> (out,)
             self.adapter_layer_names = (*self.adapter_layer_names, "aira_moe_magnitude")
-        # in the experts' dtype, as peft keeps its magnitude in the adapter's
-        self.aira_moe_magnitude[adapter_name] = nn.Parameter(self._weight_norm(adapter_name).to(self.aira_moe_A[adapter_name].dtype))
+        # fp32 (or wider) whatever the base dtype: rounded to bf16, m / ||W + dW|| would be off 1 by up to 0.4 % at init
+        self.aira_moe_magnitude[adapter_name] = nn.Parameter(self._weight_norm(adapter_name))
 
     def _has_magnitude(self, adapter_name: str) -> bool:
         return "aira_moe_magnitude" in self._modules and adapter_name in self.aira_moe_magnitude
@@ -356,8 +356,9 @@ class AiraMoeLayer(BaseTunerLayer):
 
     def _dora_output(self, adapter_name: str, base_output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """What to add to the base output W x so that the sum is s * (W x + dW x)."""
-        scale = self._dora_scale(adapter_name, self.training).to(update.dtype)
-        return (scale - 1) * base_output.to(update.dtype) + scale * update
+        scale = self._dora_scale(adapter_name, self.training)
+        # s - 1 before the cast: in bf16, s itself moves in steps of 2^-8, which would swallow small magnitude changes
+        return (scale - 1).to(update.dtype) * base_output.to(update.dtype) + scale.to(update.dtype) * update
 
     def _dora_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(delta, s) for merging a DoRA adapter into the current base weight W: W + delta = s * (W + dW) row-wise,
@@ -453,7 +454,7 @@ class Linear(nn.Module, AiraMoeLayer):
     def _unmerge_dora(self, adapter_name: str) -> None:
         """W = s * (W + dW) / s - dW, with the s of the merge (the norm of the merged weight is no longer W + dW's)."""
         weight = self.get_base_layer().weight
-        scale = self._merged_dora_scale.pop(adapter_name)
+        scale = self._merged_dora_scale.pop(adapter_name).to(weight.device)  # the model may have moved since the merge
         with gathered([weight], modifier_rank=0), torch.no_grad():
             factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, False, scale.dtype)
             merged = _transpose(weight, self.fan_in_fan_out).to(scale.dtype)
@@ -491,8 +492,9 @@ class Linear(nn.Module, AiraMoeLayer):
             table = getattr(self, name)
             # low_cpu_mem_usage: peft built the adapter on the meta device; loading assigns the real tensors
             if adapter_name in table and not table[adapter_name].is_meta:
+                keep_dtype = name == "aira_moe_magnitude" or not weight.dtype.is_floating_point  # the magnitude stays fp32
                 table[adapter_name] = nn.Parameter(
-                    table[adapter_name].data.to(device, dtype=weight.dtype if weight.dtype.is_floating_point else None),
+                    table[adapter_name].data.to(device, dtype=None if keep_dtype else weight.dtype),
                     requires_grad=table[adapter_name].requires_grad,
                 )
         for name in ("aira_moe_channel_scale", "aira_moe_init_A", "aira_moe_init_B", "aira_moe_pairing"):
