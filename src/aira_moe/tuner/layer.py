@@ -338,15 +338,20 @@ class AiraMoeLayer(BaseTunerLayer):
             self._cast_cache[(adapter_name, kind)] = cached
         return cached[2]
 
-    def _weight_norm(self, adapter_name: str, training: bool = False) -> torch.Tensor:
-        """Row norms (out,) of the adapted weight W + dW in fp32 (or wider), without gradient: DoRA treats ||W + dW|| as a
-        constant (section 4.3 of the paper; peft does the same), which keeps W + dW out of the autograd graph."""
+    def _adapted_weight(self, adapter_name: str, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W + dW, dW) in the base weight's (out, in) layout, fp32 (or wider), without gradient: DoRA treats
+        ||W + dW|| as a constant (section 4.3 of the paper; peft does the same), which keeps W + dW out of the autograd
+        graph. Both are new tensors, so they outlive a ZeRO-3 gather of W."""
         weight = self.get_base_layer().weight
         wide = _wide_dtype(weight)
         with gathered([weight]), torch.no_grad():
             factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, training, wide)
-            adapted = _transpose(weight, self.fan_in_fan_out).to(wide) + factor_B @ factor_A
-            return torch.linalg.vector_norm(adapted, dim=1)
+            update = factor_B @ factor_A
+            return _transpose(weight, self.fan_in_fan_out).to(wide) + update, update
+
+    def _weight_norm(self, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """Row norms (out,) of W + dW, fp32 (or wider), without gradient."""
+        return torch.linalg.vector_norm(self._adapted_weight(adapter_name, training)[0], dim=1)
 
     def _dora_scale(self, adapter_name: str, training: bool = False) -> torch.Tensor:
         """s = m / ||W + dW|| per output channel (out,), fp32 or wider: the output of W + dW is multiplied by it. Differentiable
@@ -363,15 +368,11 @@ class AiraMoeLayer(BaseTunerLayer):
     def _dora_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(delta, s) for merging a DoRA adapter into the current base weight W: W + delta = s * (W + dW) row-wise,
         delta in the layout and dtype of the base weight, s as an (out, 1) column (unmerging divides by it)."""
-        weight = self.get_base_layer().weight
-        wide = _wide_dtype(weight)
-        with gathered([weight]), torch.no_grad():
-            base = _transpose(weight, self.fan_in_fan_out).to(wide)
-            factor_A, factor_B = self.strategy[adapter_name].factors(self, adapter_name, False, wide)
-            adapted = base + factor_B @ factor_A
-            scale = (self.aira_moe_magnitude[adapter_name].to(wide) / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
-            delta = scale * adapted - base
-        return _transpose(delta, self.fan_in_fan_out).to(weight.dtype), scale
+        adapted, update = self._adapted_weight(adapter_name)
+        with torch.no_grad():
+            scale = (self.aira_moe_magnitude[adapter_name].to(adapted.dtype) / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
+            delta = (scale - 1) * adapted + update  # s (W + dW) - W
+        return _transpose(delta, self.fan_in_fan_out).to(self.get_base_layer().weight.dtype), scale
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """dW of ``adapter_name`` in the layout of the base weight (eval pairing: E[M] for 'random'). With a magnitude
