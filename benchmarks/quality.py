@@ -193,9 +193,11 @@ def build_adapted(base, config, calibration: list[dict]):
 
     init = getattr(config, "init_lora_weights", None)
     if init == "corda":
-        # its covariance hook takes one sequence per forward (it squeezes dim 0), as in peft's CorDA examples
-        preprocess_corda(base, config, run_model=lambda: [base(input_ids=ids[None]) for batch in calibration
-                                                          for ids in batch["input_ids"]])
+        # its covariance hook takes one sequence per forward (it squeezes dim 0), as in peft's CorDA examples; each
+        # sequence without its padding, so CorDA sees the tokens the other inits see (they read the attention mask)
+        preprocess_corda(base, config, run_model=lambda: [
+            base(input_ids=ids[mask.bool()][None]) for batch in calibration
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
     model = get_peft_model(base, config, low_cpu_mem_usage=init == "eva")
     if init == "eva":
         initialize_lora_eva_weights(model, dataloader=calibration, show_progress_bar=False)
@@ -344,6 +346,18 @@ class Runner:
                     row = json.loads(line)
                     self.done[row["key"]] = row
 
+    def add(self, rows: list[dict]) -> int:
+        """Keep finished runs from elsewhere (``rows_from_results``) as if they had run here; keys already held are
+        left as they are. Returns how many were new."""
+        fresh = [row for row in rows if row["key"] not in self.done]
+        for row in fresh:
+            self.done[row["key"]] = row
+        if fresh and self.cache_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+            with open(self.cache_path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in fresh)
+        return len(fresh)
+
     def run(self, jobs: list[dict]) -> list[dict]:
         pending = {job_key(job): job for job in jobs if job_key(job) not in self.done}
         if pending:
@@ -369,6 +383,44 @@ class Runner:
                         with open(self.cache_path, "a", encoding="utf-8") as handle:
                             handle.write(json.dumps(row) + "\n")
         return [self.done[job_key(job)] for job in jobs]
+
+
+def rows_from_results(compared: dict, job_for, lr_task: str | None, screen: bool, source: str) -> list[dict]:
+    """The cache rows a committed comparison (``protocol``'s output) was made of, rebuilt from its own numbers: the
+    selection runs (seed 0, val only: ``val_by_lr``; on ``lr_task``'s cells only when one sweep served every cell)
+    and the reported seeds (every per-seed number: losses, metrics, ``*_by_task``). ``job_for(base, task, method,
+    lr, seed, evaluate, overrides)`` gives the job those numbers belong to, or None when the method's settings today
+    differ from ``overrides`` (then its numbers are not reused). A family's members other than the chosen one kept
+    only their best val loss, so their selection runs are not rebuilt. Each row says where it came from."""
+    rows = []
+
+    def keep(job, numbers):
+        if job is not None:
+            rows.append({"key": job_key(job), **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")},
+                         **numbers, "from_results": source})
+
+    for base, tasks in compared.items():
+        for task, cell in tasks.items():
+            if task == "_no_finetuning":
+                continue
+            for family, row in cell.items():
+                method = row.get("member", family)
+                if lr_task is None or task == lr_task:
+                    for lr, loss in row["val_by_lr"].items():
+                        keep(job_for(base, task, method, float(lr), 0, ["val"], row["overrides"]),
+                             {"val_loss": loss, "diverged": not math.isfinite(loss)})
+                for index, seed in enumerate(row.get("seeds", [])):
+                    numbers = {"diverged": False, "params": row["params"], "params_budget": row["params_budget"]}
+                    if row.get("layer_ranks") is not None:
+                        numbers["layer_ranks"] = row["layer_ranks"]
+                    for name, value in row.items():
+                        if name.endswith("_by_task"):
+                            numbers[name] = {part: entry["runs"][index] for part, entry in value.items()}
+                        elif isinstance(value, dict) and "runs" in value and not name.startswith("paired_diff"):
+                            numbers[name] = value["runs"][index]
+                    keep(job_for(base, task, method, row["lr"], seed, ["val"] if screen else ["val", "test"],
+                                 row["overrides"]), numbers)
+    return rows
 
 
 def lr_grid_step(lr: float, direction: int) -> float:

@@ -24,6 +24,10 @@ difference is asserted per run (``EXACT_TOLERANCE``; EVA / DoRA / routed: ``EXTR
     python benchmarks/quality_real.py --part profile --out benchmarks/results/smollm2_profile.json
     python benchmarks/quality_real.py --tasks medicine,math --methods stage1 \\
         --out benchmarks/results/quality_smollm2_cpu.json        # stage 1 (see benchmarks/README.md for the stages)
+    # on a new machine: first fill the run cache from the committed tables, so only what they lack is trained
+    python benchmarks/quality_real.py --seed_cache_from benchmarks/results --tasks medicine,math,finance \\
+        --methods lora,aira_heuristic,cola_heuristic,aira_heuristic_no_layer_wise,aira_heuristic_no_awsvd,aira_heuristic_no_weighting \\
+        --lrs 0.003,0.01 --out benchmarks/results/quality_smollm2_cpu_ablate_heuristic_cells.json   # stage 3's ablations
 """
 
 from __future__ import annotations
@@ -166,12 +170,17 @@ def encode_rows(rows: list[dict], encode, cutoff: int) -> tuple[list[dict], int]
     return kept, dropped
 
 
+def data_path(cache_dir: str, settings: dict) -> str:
+    """Where the tokenised splits of these data settings are cached (part of every run's cache key)."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"data-{key}.pt")
+
+
 def build_data(args, tokenizer_dir: str) -> dict:
     """Tokenised splits of every task, cached by their settings: {"<task>/<share>": [example, ...], "meta": ...}."""
     settings = {"split_seed": args.split_seed, "val_items": args.val_items, "test_items": args.test_items,
                 "cutoff": args.cutoff, "template": TEMPLATE, "tokenizer": os.path.basename(tokenizer_dir.rstrip("/"))}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(args.cache_dir, f"data-{key}.pt")
+    path = data_path(args.cache_dir, settings)
     if os.path.isfile(path):
         return {"path": path, **torch.load(path)["meta"]}
     from llamafactory.data import get_template_and_fix_tokenizer
@@ -539,6 +548,42 @@ def profile_markdown(profile: dict) -> str:
 
 # -------------------------------------------------------------------------------------------------------- main
 
+def real_job(settings: dict, data_settings: dict, cache_dir: str, base_dir: str, task: str, method: str, lr: float,
+             seed: int, evaluate) -> dict:
+    """One run's description (its cache key is everything but ``threads`` and ``base_dir``); ``settings`` holds the
+    command line's steps, batch, calibration_batches, threads and tag."""
+    return {"base": "smollm2", "task": task, "method": method, "overrides": METHODS[method][1], "lr": lr, "seed": seed,
+            "evaluate": list(evaluate), "steps": settings["steps"], "batch": settings["batch"],
+            "calibration_batches": settings["calibration_batches"], "data_settings": data_settings,
+            "threads": settings["threads"], "version": settings["tag"], "data": data_path(cache_dir, data_settings),
+            "base_dir": base_dir}
+
+
+def cache_rows_from(paths: list[str], cache_dir: str, base_dir: str) -> list[dict]:
+    """The runs behind the committed results files (or every quality_smollm2*.json of a folder) in ``paths``,
+    rebuilt from their per-seed numbers with the keys this script gives the same runs today: a new machine reruns
+    only what no committed table holds. A method whose settings changed since (its ``METHODS`` entry) is skipped."""
+    files = []
+    for path in paths:
+        files += sorted(os.path.join(path, name) for name in os.listdir(path)
+                        if name.startswith("quality_smollm2") and name.endswith(".json")) if os.path.isdir(path) else [path]
+    rows = []
+    for path in files:
+        stored = read_json(path)
+        if "compare" not in stored:  # an older sweep without the protocol's table
+            continue
+        settings = stored["settings"]
+
+        def job_for(base, task, method, lr, seed, evaluate, overrides, settings=settings, stored=stored):
+            if method not in METHODS or json.loads(json.dumps(METHODS[method])) != overrides:
+                return None
+            return real_job(settings, stored["data"]["settings"], cache_dir, base_dir, task, method, lr, seed, evaluate)
+
+        rows += quality.rows_from_results(stored["compare"], job_for, settings["lr_task"] or None, settings["screen"],
+                                          os.path.relpath(path, ROOT))
+    return rows
+
+
 def base_model_dir(path: str) -> str:
     """The converted SmolLM2 folder: ``--base_dir``, else ``aira-moe base smollm2``'s cache (converted when missing)."""
     if path:
@@ -593,6 +638,9 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=DEFAULT_DATA)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     parser.add_argument("--cache", default=os.path.join(DEFAULT_CACHE_DIR, "runs.jsonl"), help="JSONL run cache")
+    parser.add_argument("--seed_cache_from", default="", help="results files or folders (e.g. benchmarks/results) "
+                        "whose runs go into the cache first, rebuilt from their per-seed numbers (a new machine then "
+                        "trains only what no committed table holds)")
     parser.add_argument("--tag", default="", help="kept in every run's cache key (change it after changing the code)")
     parser.add_argument("--out", default="")
     parser.add_argument("--note", default="")
@@ -620,12 +668,12 @@ def main(argv=None):
 
     def make_job(cell, lr, seed, evaluate=("val",)):
         _, task, method = cell
-        return {"base": "smollm2", "task": task, "method": method, "overrides": methods[method][1], "lr": lr,
-                "seed": seed, "evaluate": list(evaluate), "steps": args.steps, "batch": args.batch,
-                "calibration_batches": args.calibration_batches, "data_settings": data["settings"],
-                "threads": args.threads, "version": args.tag, "data": data["path"], "base_dir": base_dir}
+        return real_job(vars(args), data["settings"], args.cache_dir, base_dir, task, method, lr, seed, evaluate)
 
     runner = quality.Runner(args.cache, args.workers, run_fn=run_real)
+    if args.seed_cache_from:
+        rows = cache_rows_from(args.seed_cache_from.split(","), args.cache_dir, base_dir)
+        print(f"run cache: {runner.add(rows)} runs added from {args.seed_cache_from} ({len(rows)} found there)", flush=True)
     result = {"device": device_name(torch.device("cpu")) + f", {args.workers} worker processes x {args.threads} thread",
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "base": base_dir,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}, "note": args.note,

@@ -212,3 +212,47 @@ def test_overview_tallies_each_cell_against_lora(quality_module):
     assert lines[4] == "| lora | – (2) | – (1) | – (1) | 0 / 0 / 0 |"
     assert lines[5] == "| m | **-0.0040 ± 0.0010 (1)** | +0.0020 ± 0.0030 (2) | +0.0050 ± 0.0010 (2) | 1 / 1 / 1 |"
     assert quality_module.overview({"b": {"x": results["b"]["x"]}}, screen=False) == []  # one cell: no overview
+
+
+def test_a_committed_real_model_table_reproduces_from_its_own_numbers(tmp_path, quality_module):
+    """--seed_cache_from: the runs rebuilt from a results file give the protocol back that file's numbers without
+    training anything (the keys are the ones this script gives the same runs today)."""
+    import argparse
+
+    import quality_real
+
+    path = os.path.join(BENCH, "results", "quality_smollm2_cpu_peers_cells.json")
+    with open(path) as handle:
+        stored = json.load(handle)
+    settings = stored["settings"]
+    runner = quality_module.Runner("", 1)
+    added = runner.add(quality_real.cache_rows_from([path], str(tmp_path), "unused"))
+    assert added == len(runner.done) > 0
+    original_run = runner.run
+
+    def run_cached_only(jobs):
+        missing = [job for job in jobs if quality_module.job_key(job) not in runner.done]
+        assert not missing, f"would train {len(missing)} runs, e.g. {missing[0]}"
+        return original_run(jobs)
+
+    runner.run = run_cached_only
+    methods = {name: quality_real.METHODS[name] for name in ("lora", "dora", "aira_heuristic")}
+
+    def make_job(cell, lr, seed, evaluate=("val",)):
+        return quality_real.real_job(settings, stored["data"]["settings"], str(tmp_path), "unused", cell[1], cell[2],
+                                     lr, seed, evaluate)
+
+    args = argparse.Namespace(bases=["smollm2"], tasks=settings["tasks"], lrs=settings["lrs"], seeds=settings["seeds"],
+                              screen=settings["screen"])
+    compared = quality_module.protocol(args, methods, runner, make_job,
+                                       lambda base: stored["compare"][base]["_no_finetuning"],
+                                       lr_task=settings["lr_task"], metrics=("val_accuracy", "test_accuracy"),
+                                       peers=quality_real.PEERS, families=quality_real.FAMILIES, plain="cola_heuristic")
+    for task in settings["tasks"]:
+        for method in methods:
+            mine, theirs = compared["smollm2"][task][method], stored["compare"]["smollm2"][task][method]
+            assert (mine["lr"], mine["val_by_lr"], mine["test_loss"]) == (theirs["lr"], theirs["val_by_lr"], theirs["test_loss"])
+            if method != "lora":
+                assert mine["paired_diff_vs_lora"]["runs"] == theirs["paired_diff_vs_lora"]["runs"]
+            if task != "medicine":
+                assert mine["test_accuracy"] == theirs["test_accuracy"]
