@@ -332,6 +332,11 @@ def job_key(job: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_row(job: dict, numbers: dict) -> dict:
+    """A finished run as the cache keeps it: its key, the job (less what does not describe the run) and its numbers."""
+    return {"key": job_key(job), **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")}, **numbers}
+
+
 class Runner:
     """Runs jobs on a process pool (one torch thread each) and caches finished runs in a JSONL file."""
 
@@ -347,8 +352,8 @@ class Runner:
                     self.done[row["key"]] = row
 
     def add(self, rows: list[dict]) -> int:
-        """Keep finished runs from elsewhere (``rows_from_results``) as if they had run here; keys already held are
-        left as they are. Returns how many were new."""
+        """Keep finished runs (rows of ``cache_row``) as if they had run here; keys already held are left as they are.
+        Returns how many were new."""
         fresh = [row for row in rows if row["key"] not in self.done]
         for row in fresh:
             self.done[row["key"]] = row
@@ -372,16 +377,11 @@ class Runner:
                         pool.shutdown(wait=False, cancel_futures=True)
                         raise RuntimeError(f"run {job['base']}/{job['task']}/{job['method']} lr={job['lr']:g} "
                                            f"seed={job['seed']} failed") from finished.exception()
-                    row = {"key": key, **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")},
-                           **finished.result()}
-                    self.done[key] = row
+                    row = cache_row(job, finished.result())
+                    self.add([row])  # written at once: a stopped command keeps every finished run
                     losses = " ".join(f"{share} {row[share + '_loss']:.4f}" for share in job["evaluate"])
                     print(f"    {job['base']}/{job['task']}/{job['method']} lr={job['lr']:g} seed={job['seed']}: "
                           f"{losses} ({row['seconds']:.0f} s)", flush=True)
-                    if self.cache_path:
-                        os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
-                        with open(self.cache_path, "a", encoding="utf-8") as handle:
-                            handle.write(json.dumps(row) + "\n")
         return [self.done[job_key(job)] for job in jobs]
 
 
@@ -396,8 +396,7 @@ def rows_from_results(compared: dict, job_for, lr_task: str | None, screen: bool
 
     def keep(job, numbers):
         if job is not None:
-            rows.append({"key": job_key(job), **{k: v for k, v in job.items() if k not in ("tokens", "base_dir", "threads")},
-                         **numbers, "from_results": source})
+            rows.append(cache_row(job, {**numbers, "from_results": source}))
 
     for base, tasks in compared.items():
         for task, cell in tasks.items():

@@ -565,8 +565,11 @@ def cache_rows_from(paths: list[str], cache_dir: str, base_dir: str) -> list[dic
     only what no committed table holds. A method whose settings changed since (its ``METHODS`` entry) is skipped."""
     files = []
     for path in paths:
-        files += sorted(os.path.join(path, name) for name in os.listdir(path)
-                        if name.startswith("quality_smollm2") and name.endswith(".json")) if os.path.isdir(path) else [path]
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, name) for name in os.listdir(path)
+                            if name.startswith("quality_smollm2") and name.endswith(".json"))
+        else:
+            files.append(path)
     rows = []
     for path in files:
         stored = read_json(path)
